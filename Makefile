@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both create .venv themselves).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+# Keep CPU runs on the two cores a developer machine has, and quiet.
+export OMP_NUM_THREADS ?= 2
+export PYTHONUNBUFFERED := 1
+# `mlflow run --env-manager local` runs `python -m ...`: it must be this venv's python.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup demo test test-fast ui server benchmarks mlproject clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build on this machine's disk (a bare `torch` pulls a CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/mlflow run . -e pipeline --env-manager local --experiment-name pipeline
+
+test: setup
+	$(PY) -m pytest -q --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not postgres"
+
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+benchmarks: setup
+	$(PY) benchmarks/bench_dlinear_epoch.py
+	$(PY) benchmarks/bench_mlflow_overhead.py
+
+mlproject: setup
+	$(PY) -m mlflow_projects.mlproject_spec
+
+clean:
+	rm -rf mlruns mlartifacts mlflow.db optuna.db outputs

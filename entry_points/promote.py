@@ -1,0 +1,49 @@
+"""Entry point `promote`: move an alias (default `champion`) to the best registered version."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import mlflow
+
+from tracking.cli import exit_on_input_error, parse_params, params_as_dict
+from tracking.registry import promote, require_model
+from tracking.run_context import entry_point_run
+from tracking.store import configure_tracking
+
+
+@dataclass
+class Params:
+    """Compare registered versions by a held-out metric and alias the best."""
+
+    model_name: str = "workload-predictor"
+    metric: str = "test_mae_mean"
+    mode: str = "min"  # min | max
+    alias: str = "champion"
+    version: str = ""  # empty: the best version; else promote this one
+    force: bool = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    params = parse_params(Params, argv, prog="promote")
+    if params.mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {params.mode!r}")
+    configure_tracking()
+    require_model(params.model_name)  # before a run is opened: nothing to clean up on a typo
+    with entry_point_run("promote", params_as_dict(params), run_name=f"promote-{params.model_name}") as run:
+        result = promote(
+            params.model_name, params.metric, params.mode, params.alias, params.version or None, params.force
+        )
+        mlflow.set_tags({"promoted_model": params.model_name, "promoted_version": result.version, "changed": str(result.changed)})
+        mlflow.log_metric(f"promoted_{params.metric}", result.value)
+        verb = "moved" if result.changed else "kept"
+        print(
+            f"promote: {verb} {params.model_name}@{params.alias} -> version {result.version} "
+            f"({params.metric}={result.value:.6g}; previous: {result.previous_champion or 'none'}); run {run.info.run_id}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_input_error(main))

@@ -1,0 +1,131 @@
+"""Entry point `pipeline`: the multi-step driver, after MLflow's multistep-workflow example.
+
+Each step is `mlflow.run(".", entry_point, parameters, env_manager="local")`. A step is reused when a
+FINISHED run of the same entry point exists with the same parameters and the same clean git commit,
+so rerunning the pipeline after a change re-executes only what changed. Upstream outputs travel as
+parameters (run ids), so a changed upstream step changes the downstream parameters and forces a
+rerun there too. Every step run is tagged as a child of the pipeline run (`mlflow.parentRunId`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from tracking.cli import exit_on_input_error, parse_params, params_as_dict
+from tracking.run_context import REPO_ROOT, entry_point_run, git_commit
+from tracking.store import study_for
+
+
+@dataclass
+class Params:
+    """Run the platform's steps end to end on the embedded defaults, reusing finished steps."""
+
+    trace: str = "synthetic"
+    num_days: int = 61
+    predictor_epochs: int = 150
+    force_rerun: bool = False  # ignore finished runs and execute every step
+
+
+@dataclass
+class Step:
+    name: str
+    entry_point: str
+    parameters: Callable[[Mapping[str, str]], dict[str, str]]  # built from earlier steps' run ids
+    reusable: bool = True  # promotion depends on registry state, so it always runs
+
+
+@dataclass
+class StepOutcome:
+    name: str
+    run_id: str
+    reused: bool
+    summary: dict[str, str] = field(default_factory=dict)
+
+
+def steps_for(params: Params) -> list[Step]:
+    return [
+        Step("train_predictor", "train_predictor", lambda done: {
+            "trace": params.trace, "num_days": str(params.num_days), "num_epochs": str(params.predictor_epochs),
+        }),
+        Step("promote_predictor", "promote", lambda done: {
+            "model_name": "workload-predictor", "metric": "test_wape_mean", "mode": "min",
+        }, reusable=False),
+    ]
+
+
+def find_reusable_run(entry_point: str, parameters: Mapping[str, str], commit: str) -> Run | None:
+    """The latest FINISHED run of `entry_point` with these parameters at this clean commit, if any."""
+    if commit.endswith("-dirty") or commit == "unknown":
+        return None  # uncommitted code: a matching commit hash proves nothing
+    experiment = mlflow.get_experiment_by_name(study_for(entry_point))
+    if experiment is None:
+        return None
+    runs = MlflowClient().search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.entry_point = '{entry_point}' and tags.git_commit = '{commit}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=200,
+    )
+    for run in runs:
+        if all(run.data.params.get(k) == str(v) for k, v in parameters.items()):
+            return run
+    return None
+
+
+def run_step(step: Step, parameters: dict[str, str], parent_run_id: str, commit: str, force: bool) -> StepOutcome:
+    client = MlflowClient()
+    reusable = None if (force or not step.reusable) else find_reusable_run(step.entry_point, parameters, commit)
+    if reusable is not None:
+        # Record the reuse as a child run, so the pipeline's tree still shows every step.
+        with mlflow.start_run(run_name=f"{step.name} (reused)", nested=True,
+                              tags={"pipeline_step": step.name, "reused_run_id": reusable.info.run_id}):
+            mlflow.log_params(parameters)
+        print(f"pipeline: step {step.name}: reusing finished run {reusable.info.run_id}")
+        return StepOutcome(step.name, reusable.info.run_id, reused=True)
+    print(f"pipeline: step {step.name}: running entry point {step.entry_point} with {parameters}")
+    submitted = mlflow.run(
+        str(REPO_ROOT), entry_point=step.entry_point, parameters=parameters, env_manager="local",
+        experiment_name=study_for(step.entry_point), run_name=step.name, synchronous=True,
+    )
+    client.set_tag(submitted.run_id, "mlflow.parentRunId", parent_run_id)
+    client.set_tag(submitted.run_id, "pipeline_step", step.name)
+    return StepOutcome(step.name, submitted.run_id, reused=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    params = parse_params(Params, argv, prog="pipeline")
+    if params.trace != "synthetic" and not Path(params.trace).is_file():
+        raise FileNotFoundError(f"trace file {params.trace} does not exist")
+    commit = git_commit()
+    outcomes: list[StepOutcome] = []
+    with entry_point_run("pipeline", params_as_dict(params)) as pipeline_run:
+        done: dict[str, str] = {}
+        for step in steps_for(params):
+            parameters = step.parameters(done)
+            outcome = run_step(step, parameters, pipeline_run.info.run_id, commit, params.force_rerun)
+            done[step.name] = outcome.run_id
+            outcomes.append(outcome)
+            mlflow.set_tags({f"step_{step.name}_run_id": outcome.run_id, f"step_{step.name}_reused": str(outcome.reused)})
+        mlflow.log_metric("steps_reused", sum(o.reused for o in outcomes))
+        mlflow.log_metric("steps_executed", sum(not o.reused for o in outcomes))
+    print(f"pipeline run {pipeline_run.info.run_id} (git {commit}):")
+    for o in outcomes:
+        print(f"  {o.name:<22} run {o.run_id}  {'reused' if o.reused else 'executed'}")
+    for name in ("workload-predictor",):
+        try:
+            mv = MlflowClient().get_model_version_by_alias(name, "champion")
+            print(f"  registered model {name}: champion = version {mv.version} (models:/{name}@champion)")
+        except mlflow.exceptions.MlflowException:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_input_error(main))

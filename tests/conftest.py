@@ -1,0 +1,40 @@
+"""Shared fixtures: a real SQLite-backed MLflow store in a temporary directory per test."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An empty embedded MLflow store (SQLite + local artifacts) under tmp_path; cwd moves there."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    while mlflow.active_run():
+        mlflow.end_run()
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def subprocess_env(tracking_store: str) -> dict[str, str]:
+    """Environment for `mlflow run` / entry-point subprocesses: this venv first on PATH, the test store."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = tracking_store
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env

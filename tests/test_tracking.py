@@ -1,0 +1,132 @@
+"""The tracking layer against a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tracking.artifacts import log_dataset_input
+from tracking.cli import exit_on_input_error, parse_params
+from tracking.epoch_logging import EpochLogger
+from tracking.registry import RegistryError, promote, version_by_alias
+from tracking.run_context import entry_point_run
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_lands_in_the_study_experiment_with_tags_and_params(tracking_store):
+    with entry_point_run("train_predictor", {"lr": 0.01, "trace": "synthetic"}) as run:
+        pass
+    stored = MlflowClient().get_run(run.info.run_id)
+    assert mlflow.get_experiment(stored.info.experiment_id).name == "workload-forecasting"
+    assert stored.info.status == "FINISHED"
+    assert stored.data.tags["entry_point"] == "train_predictor"
+    assert len(stored.data.tags["git_commit"]) >= 7
+    assert stored.data.params == {"lr": "0.01", "trace": "synthetic"}
+
+
+def test_exception_marks_run_failed_with_error_tag_and_reraises(tracking_store):
+    with pytest.raises(ZeroDivisionError):
+        with entry_point_run("train_predictor", {}) as run:
+            1 / 0
+    stored = MlflowClient().get_run(run.info.run_id)
+    assert stored.info.status == "FAILED"
+    assert "ZeroDivisionError" in stored.data.tags["error"]
+    assert mlflow.active_run() is None
+
+
+def test_epoch_metrics_use_epoch_as_step_and_history_csvs_are_artifacts(tracking_store, tmp_path):
+    with entry_point_run("train_predictor", {}) as run:
+        logger = EpochLogger(["train_loss"], ["val_loss"], flush_every=2)
+        for epoch in range(1, 6):
+            logger.log(epoch, {"train_loss": 1.0 / epoch, "val_loss": 2.0 / epoch})
+        logger.close()
+    client = MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5]
+    assert history[-1].value == pytest.approx(0.4)
+    out = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "a")))
+    assert list(pd.read_csv(out / "training_history.csv").columns) == ["epoch", "train_loss"]
+    assert list(pd.read_csv(out / "validation_history.csv").columns) == ["epoch", "val_loss"]
+
+
+def test_dataset_inputs_carry_their_context(tracking_store):
+    frame = pd.DataFrame({"x": range(10)})
+    with entry_point_run("train_predictor", {}) as run:
+        for context in ("training", "validation", "test"):
+            log_dataset_input(frame.iloc[:3], f"part-{context}", context, {"generator": "test", "seed": "0"})
+    inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    contexts = {i.dataset.name: [t.value for t in i.tags if t.key == "mlflow.data.context"][0] for i in inputs}
+    assert contexts == {"part-training": "training", "part-validation": "validation", "part-test": "test"}
+    with pytest.raises(ValueError, match="context"):
+        with entry_point_run("train_predictor", {}):
+            log_dataset_input(frame, "x", "train", "whatever")
+
+
+class _Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def _register_version(name: str, metric_value: float) -> str:
+    with mlflow.start_run() as run:
+        mlflow.log_metric("test_mae", metric_value)
+        mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=["mlflow"])
+    return mlflow.register_model(f"runs:/{run.info.run_id}/model", name).version
+
+
+def test_promote_picks_the_best_version_tags_it_and_refuses_a_worse_one(tracking_store):
+    mlflow.set_experiment("registry-test")
+    _register_version("toy", 3.0)
+    best = _register_version("toy", 1.0)
+    worse = _register_version("toy", 2.0)
+    result = promote("toy", "test_mae", "min")
+    assert result.version == str(best) and result.changed and result.previous_champion is None
+    tags = MlflowClient().get_model_version("toy", best).tags
+    assert tags["metric"] == "test_mae" and float(tags["value"]) == 1.0 and tags["previous_champion"] == "none"
+    assert "promoted_at" in tags
+    with pytest.raises(RegistryError, match="refusing"):
+        promote("toy", "test_mae", "min", version=str(worse))
+    assert version_by_alias("toy", "champion") == str(best)
+    forced = promote("toy", "test_mae", "min", version=str(worse), force=True)
+    assert forced.previous_champion == str(best)
+    assert version_by_alias("toy", "champion") == str(worse)
+
+
+def test_promote_unknown_model_is_a_clear_error(tracking_store):
+    with pytest.raises(RegistryError, match="'nope' does not exist"):
+        promote("nope", "test_mae")
+
+
+def test_parse_params_types_from_the_dataclass():
+    @dataclasses.dataclass
+    class P:
+        n: int = 3
+        lr: float = 0.1
+        flag: bool = False
+        name: str = "x"
+
+    p = parse_params(P, ["--n", "5", "--lr", "1e-3", "--flag", "true"])
+    assert (p.n, p.lr, p.flag, p.name) == (5, 0.001, True, "x")
+
+
+def test_input_errors_become_one_line_and_exit_code_2(capsys):
+    def bad() -> int:
+        raise ValueError("horizon must be > 0, got 0")
+
+    assert exit_on_input_error(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: horizon must be > 0, got 0"]
+
+
+def test_mlproject_matches_the_entry_points_params():
+    result = subprocess.run([sys.executable, "-m", "mlflow_projects.mlproject_spec", "--check"], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

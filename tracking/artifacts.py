@@ -1,0 +1,67 @@
+"""Artifacts, plots and dataset inputs of a run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.data.code_dataset_source import CodeDatasetSource  # noqa: E402
+
+DATASET_CONTEXTS = ("training", "validation", "test")
+
+
+def _log_file(write, artifact_file: str) -> None:
+    path_in_run = Path(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / path_in_run.name
+        write(path)
+        parent = str(path_in_run.parent) if str(path_in_run.parent) != "." else None
+        mlflow.log_artifact(str(path), artifact_path=parent)
+
+
+def log_csv(frame: pd.DataFrame, artifact_file: str) -> None:
+    _log_file(lambda p: frame.to_csv(p, index=False), artifact_file)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    _log_file(lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str)), artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    _log_file(lambda p: p.write_text(text), artifact_file)
+
+
+def log_figure(figure: "plt.Figure", artifact_file: str) -> None:
+    """Log a matplotlib figure as PNG and close it."""
+    mlflow.log_figure(figure, artifact_file)
+    plt.close(figure)
+
+
+def frame_digest(frame: pd.DataFrame) -> str:
+    """Short content hash of a dataframe (values and column names)."""
+    hashed = pd.util.hash_pandas_object(frame, index=True).values.tobytes()
+    return hashlib.sha256(hashed + "|".join(map(str, frame.columns)).encode()).hexdigest()[:16]
+
+
+def log_dataset_input(
+    frame: pd.DataFrame, name: str, context: str, source: str | dict[str, str], targets: str | None = None
+) -> str:
+    """Record a data split as an MLflow dataset input; returns its digest.
+
+    `source` is a file path/URI, or a dict describing generated data (generator and its seed).
+    """
+    if context not in DATASET_CONTEXTS:
+        raise ValueError(f"dataset context must be one of {DATASET_CONTEXTS}, got {context!r}")
+    resolved = CodeDatasetSource({k: str(v) for k, v in source.items()}) if isinstance(source, dict) else source
+    dataset = mlflow.data.from_pandas(frame, source=resolved, name=name, targets=targets, digest=frame_digest(frame))
+    mlflow.log_input(dataset, context=context)
+    return dataset.digest
