@@ -74,6 +74,9 @@ def entry_point_run(
         tags=run_tags if not resumed_run_id else None,
         log_system_metrics=log_system_metrics,
     )
+    if resumed_run_id:
+        # Consumed: a nested run started later (e.g. an Optuna trial) must not resume this one.
+        os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         if resumed_run_id:
             mlflow.set_tags(run_tags)
