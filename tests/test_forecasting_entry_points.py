@@ -118,7 +118,8 @@ def test_train_tune_promote_and_load_champion(subprocess_env, tmp_path):
                     f"baseline_moving_average_test_mae_{ch}", f"test_rmse_{ch}", f"test_smape_{ch}", f"test_r2_{ch}"):
             assert np.isfinite(metrics[key]), key
     client = MlflowClient()
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+    for name in ("train_loss", "val_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2, 3], name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"training_history.csv", "validation_history.csv", "training_config.json", "report.md", "plots"} <= artifacts
     assert {i.dataset.name for i in run.inputs.dataset_inputs} >= {"burstgpt-per-minute-training", "burstgpt-per-minute-test"}

@@ -130,3 +130,48 @@ def test_mlproject_matches_the_entry_points_params():
     result = subprocess.run([sys.executable, "-m", "mlflow_projects.mlproject_spec", "--check"], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _quadratic_target():
+    """A tiny trainable target: per-epoch val_loss converges to (x - 0.3)^2."""
+    from types import SimpleNamespace
+
+    from tracking.tuning import FloatParam, Objective
+
+    @dataclasses.dataclass
+    class Params:
+        x: float = 0.0
+        num_epochs: int = 10
+        register: bool = False
+
+    def execute(params, epoch_hook=None):
+        for epoch in range(1, params.num_epochs + 1):
+            val_loss = (params.x - 0.3) ** 2 + 1.0 / epoch
+            mlflow.log_metric("val_loss", val_loss, step=epoch)
+            if epoch_hook:
+                epoch_hook(epoch, {"val_loss": val_loss})
+        return {"val_loss": val_loss}
+
+    return SimpleNamespace(Params=Params, SEARCH_SPACE=[FloatParam("x", -3.0, 3.0)],
+                           OBJECTIVE=Objective("val_loss", "minimize"), execute=execute)
+
+
+def test_study_trials_are_nested_runs_and_pruned_ones_are_tagged(tracking_store, tmp_path):
+    from tracking.tuning import make_study, run_study
+
+    target = _quadratic_target()
+    study = make_study("quad", f"sqlite:///{tmp_path / 'optuna.db'}", "minimize", sampler="random", pruner="median")
+    with entry_point_run("tune", {}, study="tune-test") as parent:
+        run_study(target, study, n_trials=8, timeout_s=None)
+    client = MlflowClient()
+    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(trials) == 8
+    states = {t.data.tags["state"] for t in trials}
+    pruned = [t for t in trials if t.data.tags["state"] == "PRUNED"]
+    assert "COMPLETE" in states and pruned, states
+    assert all(t.data.tags.get("pruned") == "true" for t in pruned)
+    # A pruned trial keeps the epochs it ran, fewer than the full 10.
+    assert all(1 <= len(client.get_metric_history(t.info.run_id, "val_loss")) < 10 for t in pruned)
+    # A second worker joining the same study (load_if_exists) adds to it instead of starting over.
+    again = make_study("quad", f"sqlite:///{tmp_path / 'optuna.db'}", "minimize", sampler="random", pruner="median")
+    assert len(again.trials) == 8

@@ -21,3 +21,65 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         forecast = self.forecaster.forecast(pd.DataFrame(model_input))
         return forecast.rename_axis("step").reset_index()
+
+
+def encode_image(image) -> str:
+    """PIL image -> base64 PNG string (the `image` column of the base-VLM pyfunc)."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_image(text: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB")
+
+
+class BaseVLMPyfunc(mlflow.pyfunc.PythonModel):
+    """`models:/base-vlm@champion`: answer questions about images under per-request knobs.
+
+    Input columns: `image` (base64 PNG), `question`; optional `tier`, `top_k`, `num_active_blocks`
+    (the full config where absent) and `max_new_tokens`. Output: `answer`, the knobs used, the
+    active blocks, `output_tokens` and the latency components in ms.
+    """
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        import json
+        from pathlib import Path
+
+        from core.base_vlm import BaseVLMBackend
+
+        self.backend = BaseVLMBackend.from_pretrained(context.artifacts["base_vlm"])
+        order_file = Path(context.artifacts["base_vlm"]) / "drop_order.json"
+        if order_file.is_file():
+            self.backend.set_drop_order(json.loads(order_file.read_text()))
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from core.vlm_backend import VQASample
+
+        space, full = self.backend.space, self.backend.space.full()
+        rows = []
+        for i, row in pd.DataFrame(model_input).reset_index(drop=True).iterrows():
+            def knob(name: str, default):
+                value = row.get(name)
+                return default if value is None or (isinstance(value, float) and pd.isna(value)) or value == "" else value
+
+            config = space.make(knob("tier", full.tier), int(knob("top_k", full.top_k)),
+                                int(knob("num_active_blocks", full.num_active_blocks)))
+            max_new = int(knob("max_new_tokens", 16))
+            sample = VQASample(f"request:{i}", "request", "vqa", decode_image(row["image"]), str(row["question"]), (), max_new)
+            result = self.backend.answer(sample, config)
+            rows.append({
+                "answer": result.text, "tier": config.tier, "top_k": config.top_k,
+                "num_active_blocks": config.num_active_blocks, "active_blocks": ",".join(map(str, result.active_blocks)),
+                "output_tokens": result.output_tokens, "T_vision_ms": result.T_vision_ms,
+                "T_prefill_ms": result.T_prefill_ms, "T_decode_ms": result.T_decode_ms, "T_total_ms": result.T_total_ms,
+            })
+        return pd.DataFrame(rows)

@@ -128,7 +128,7 @@ def run_study(
     if parent is None:
         raise RuntimeError("run_study needs an active parent MLflow run")
     callback = MLflowCallback(
-        metric_name=objective_spec.metric,
+        metric_name=f"objective_{objective_spec.metric}",  # not the per-epoch name: no step-0 point on that curve
         create_experiment=False,
         mlflow_kwargs={"nested": True},
     )
