@@ -1,0 +1,472 @@
+"""MolmoE-1B-sized VLM with random weights, for GPU latency profiling of the three knobs.
+
+Architecture (REFERENCE.md), built from transformers components:
+  image -> tiles (tier -> crop grid) + one global crop, each 336x336
+        -> CLIP ViT-L/14 (23 of 24 layers run), features of layers -2 and -9 concatenated (2 x 1024)
+        -> 2x2 attention pooling (query = mean of the window) -> 144 tokens per crop
+        -> SwiGLU projector MLP -> d_model 2048
+  [vision tokens ; text tokens] as inputs_embeds -> OLMoE decoder (OlmoeForCausalLM: 16 blocks,
+        d_model 2048, 16 heads, 64 experts of intermediate 1024, top-8, vocab 50280 + 128)
+  greedy decoding with a KV cache, one timed forward per output token after the first.
+
+Knobs (applied inside `knobs_applied`, which restores the model exactly afterwards):
+  tier              -> crop grid (see `select_tiling`)
+  top_k             -> `OlmoeTopKRouter.top_k` of every block (the router reads it on every call;
+                       softmax over all experts then top-k, no renormalisation, as in MolmoE)
+  active blocks     -> `model.model.layers` swapped for a sub-ModuleList. Each block keeps its own
+                       `layer_idx`, so a skipped block's KV-cache slot simply stays empty; block 0
+                       must run because the cache length (positions, causal mask) is read from it.
+
+Latency only: weights are random, so answers are meaningless (accuracy is NaN in profiles). Text is
+"tokenised" one token per whitespace-separated word (a stable hash into the vocabulary), so a
+question of N words is N text tokens. Outputs are forced to a fixed length with
+`force_output_tokens` so decode is timed on a known number of forwards.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from core.knobs import MOLMOE_SPACE, TIERS, KnobConfig, KnobSpace, active_blocks, default_drop_order
+from core.timing import StageClock
+from core.vlm_backend import GenerationResult, VQASample
+
+# CLIP image normalisation.
+_CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+_CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class MolmoeArchDims:
+    """Sizes of the architecture; `reference` is MolmoE-1B, `tiny` keeps the structure for CPU tests."""
+
+    # vision tower
+    image_size: int
+    patch_size: int
+    vit_hidden: int
+    vit_heads: int
+    vit_intermediate: int
+    vit_depth: int  # layers of the full ViT
+    vit_layers_used: int  # layers actually run (features never come from the last one)
+    vit_feature_layers: tuple[int, ...]  # hidden-state indices relative to the full ViT (negative)
+    pool_window: int  # 2 -> 2x2 pooling
+    pool_dim: int
+    projector_hidden: int
+    # decoder
+    d_model: int
+    num_blocks: int
+    num_heads: int
+    num_experts: int
+    top_k: int
+    expert_intermediate: int
+    text_vocab: int  # ordinary tokens
+    extra_vocab: int  # special tokens on top (image markers etc. in Molmo)
+    max_positions: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab + self.extra_vocab
+
+    @property
+    def tokens_per_crop(self) -> int:
+        side = self.image_size // self.patch_size
+        return (side // self.pool_window) ** 2
+
+
+SIZE_PRESETS: dict[str, MolmoeArchDims] = {
+    "reference": MolmoeArchDims(
+        image_size=336, patch_size=14, vit_hidden=1024, vit_heads=16, vit_intermediate=4096,
+        vit_depth=24, vit_layers_used=23, vit_feature_layers=(-2, -9), pool_window=2, pool_dim=1024,
+        projector_hidden=4096, d_model=2048, num_blocks=16, num_heads=16, num_experts=64, top_k=8,
+        expert_intermediate=1024, text_vocab=50280, extra_vocab=128, max_positions=4096,
+    ),
+    # Same block count, experts and knob space as the reference; everything else shrunk.
+    "tiny": MolmoeArchDims(
+        image_size=56, patch_size=14, vit_hidden=32, vit_heads=2, vit_intermediate=64,
+        vit_depth=4, vit_layers_used=3, vit_feature_layers=(-2, -3), pool_window=2, pool_dim=32,
+        projector_hidden=64, d_model=64, num_blocks=16, num_heads=4, num_experts=64, top_k=8,
+        expert_intermediate=16, text_vocab=500, extra_vocab=12, max_positions=2048,
+    ),
+}
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A local checkpoint directory that does not hold a loadable model."""
+
+
+# --- tiling ------------------------------------------------------------------------------------
+
+
+def tier_crop_band(space: KnobSpace, tier: str) -> tuple[int, int]:
+    """(min, max) crops of a tier: above the next-lower tier's cap, up to this tier's cap.
+
+    The floor keeps tiers distinct: without it an image whose aspect ratio one small grid already
+    matches (e.g. 16:9 -> 1x2) would get the same crops at every tier.
+    """
+    i = space.tier_index(tier)
+    low = space.tier_max_crops[TIERS[i - 1]] + 1 if i > 0 else 1
+    return low, space.max_crops(tier)
+
+
+def select_tiling(width: int, height: int, min_crops: int, max_crops: int) -> tuple[int, int]:
+    """(rows, cols) grid with min_crops <= rows*cols <= max_crops whose aspect ratio (cols/rows) is
+    closest to the image's (in log space); ties go to more crops, then fewer rows."""
+    if not 1 <= min_crops <= max_crops:
+        raise ValueError(f"crop band [{min_crops}, {max_crops}] is empty")
+    target = math.log(width / height)
+    grids = [
+        (r, c) for r in range(1, max_crops + 1) for c in range(1, max_crops + 1) if min_crops <= r * c <= max_crops
+    ]
+    return min(grids, key=lambda rc: (round(abs(math.log(rc[1] / rc[0]) - target), 9), -rc[0] * rc[1], rc[0]))
+
+
+def _to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    arr = np.asarray(image.convert("RGB").resize(size, Image.BICUBIC), dtype=np.float32) / 255.0
+    return (arr - _CLIP_MEAN) / _CLIP_STD  # (H, W, 3)
+
+
+def image_crops(image: Image.Image, rows: int, cols: int, crop_size: int) -> torch.Tensor:
+    """(1 + rows*cols, 3, S, S): the global view (whole image resized) then the tiles, row-major."""
+    whole = _to_pixels(image, (crop_size, crop_size))
+    grid = _to_pixels(image, (cols * crop_size, rows * crop_size))
+    tiles = grid.reshape(rows, crop_size, cols, crop_size, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, crop_size, crop_size)
+    return torch.from_numpy(np.concatenate([whole.transpose(2, 0, 1)[None], tiles], axis=0))
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def prompt_token_ids(question: str, text_vocab: int) -> list[int]:
+    """One token per whitespace-separated word, by a stable hash (no tokenizer needed for latency)."""
+    return [zlib.crc32(w.encode("utf-8")) % text_vocab for w in question.split()]
+
+
+# --- vision modules ------------------------------------------------------------------------
+
+
+class AttentionPool2d(nn.Module):
+    """Pools each `w x w` window of patch features into one token; the query is the window mean."""
+
+    def __init__(self, in_dim: int, inner_dim: int, out_dim: int, heads: int, window: int) -> None:
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.q = nn.Linear(in_dim, inner_dim)
+        self.k = nn.Linear(in_dim, inner_dim)
+        self.v = nn.Linear(in_dim, inner_dim)
+        self.out = nn.Linear(inner_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, side*side, C) -> (N, (side/w)^2, out)
+        n, p, c = x.shape
+        side, w = int(math.isqrt(p)), self.window
+        x = x.view(n, side // w, w, side // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+        q = self.q(x.mean(dim=1, keepdim=True))
+        k, v = self.k(x), self.v(x)
+        split = lambda t: t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        o = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(q.shape[0], -1)
+        return self.out(o).view(n, (side // w) ** 2, -1)
+
+
+class SwiGLUProjector(nn.Module):
+    """Image projector: pooled features -> d_model."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(in_dim, hidden, bias=False)
+        self.w3 = nn.Linear(in_dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MolmoeVision(nn.Module):
+    """ViT features (two layers concatenated) -> attention pooling -> projector."""
+
+    def __init__(self, dims: MolmoeArchDims) -> None:
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        cfg = CLIPVisionConfig(
+            hidden_size=dims.vit_hidden, intermediate_size=dims.vit_intermediate,
+            num_hidden_layers=dims.vit_layers_used, num_attention_heads=dims.vit_heads,
+            image_size=dims.image_size, patch_size=dims.patch_size, hidden_act="quick_gelu",
+        )
+        self.vit = CLIPVisionModel(cfg)
+        # hidden_states[i] of the full ViT is the output of layer i (0 = embeddings); a negative
+        # index f means full_depth + 1 + f, which must be among the layers actually run.
+        self.feature_index = [dims.vit_depth + 1 + f for f in dims.vit_feature_layers]
+        if max(self.feature_index) > dims.vit_layers_used:
+            raise ValueError(f"feature layers {dims.vit_feature_layers} need more than {dims.vit_layers_used} ViT layers")
+        feat_dim = dims.vit_hidden * len(dims.vit_feature_layers)
+        self.pool = AttentionPool2d(feat_dim, dims.vit_hidden, dims.pool_dim, dims.vit_heads, dims.pool_window)
+        self.projector = SwiGLUProjector(dims.pool_dim, dims.projector_hidden, dims.d_model)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, tokens_per_crop, d_model)
+        hidden = self.vit(pixel_values=pixels, output_hidden_states=True).hidden_states
+        feats = torch.cat([hidden[i][:, 1:] for i in self.feature_index], dim=-1)  # drop CLS
+        return self.projector(self.pool(feats))
+
+
+# --- the backend -----------------------------------------------------------------------------
+
+
+def _router(layer: nn.Module) -> nn.Module:
+    """The module whose `top_k` the MoE forward reads (transformers 5: `mlp.gate`, an OlmoeTopKRouter)."""
+    gate = getattr(layer.mlp, "gate", None)
+    if gate is not None and hasattr(gate, "top_k"):
+        return gate
+    if hasattr(layer.mlp, "top_k"):  # older transformers kept top_k on the MoE block itself
+        return layer.mlp
+    raise AttributeError(f"cannot find the top_k of MoE block {type(layer.mlp).__name__}")
+
+
+class MolmoeArchBackend:
+    """VLMBackend `molmoe_arch`: MolmoE-1B-sized, random weights, latency only."""
+
+    name: str = "molmoe_arch"
+    space: KnobSpace = MOLMOE_SPACE
+
+    def __init__(
+        self,
+        size: str = "reference",
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        experts_implementation: str | None = None,
+        dims: MolmoeArchDims | None = None,
+    ) -> None:
+        """`size`: "reference" (MolmoE-1B dims) or "tiny" (CPU tests); `device` defaults to CUDA if present.
+
+        bf16 on a GPU, fp32 on a CPU. `experts_implementation` is passed to transformers
+        (None = its default, "grouped_mm" where available); the one in use is `self.experts_implementation`.
+        """
+        from transformers import OlmoeConfig, OlmoeForCausalLM
+
+        if dims is None:
+            if size not in SIZE_PRESETS:
+                raise ValueError(f"size={size!r} is not a molmoe_arch preset (options: {sorted(SIZE_PRESETS)})")
+            dims = SIZE_PRESETS[size]
+        if dims.num_blocks != self.space.num_blocks or dims.num_experts != self.space.num_experts:
+            raise ValueError("molmoe_arch dims must keep the knob space's 16 blocks and 64 experts")
+        self.size, self.dims = size, dims
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self._drop_order: list[int] = default_drop_order(dims.num_blocks)
+
+        cfg = OlmoeConfig(
+            vocab_size=dims.vocab_size, hidden_size=dims.d_model, intermediate_size=dims.expert_intermediate,
+            num_hidden_layers=dims.num_blocks, num_attention_heads=dims.num_heads, num_experts=dims.num_experts,
+            num_experts_per_tok=dims.top_k, norm_topk_prob=False, max_position_embeddings=dims.max_positions,
+            pad_token_id=1, eos_token_id=dims.text_vocab - 1, tie_word_embeddings=False,
+        )
+        self.eos_token_id = dims.text_vocab - 1
+        torch.manual_seed(seed)
+        kwargs = {"dtype": self.dtype}
+        if experts_implementation is not None:
+            kwargs["experts_implementation"] = experts_implementation
+        with torch.device(self.device):  # build the weights where they run (the reference LM is ~13 GB in bf16)
+            self.lm = OlmoeForCausalLM._from_config(cfg, **kwargs).eval()
+            self.vision = MolmoeVision(dims).to(self.dtype).eval()
+        self.experts_implementation = str(getattr(self.lm.config, "_experts_implementation", "eager"))
+
+    # --- knobs -------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.dims.num_blocks
+
+    @property
+    def drop_order(self) -> list[int]:
+        return list(self._drop_order)
+
+    def set_drop_order(self, drop_order: Sequence[int]) -> None:
+        """Middle blocks in ascending importance (dropped first to last)."""
+        active_blocks(self.num_blocks, self.num_blocks, drop_order)  # validates the permutation
+        self._drop_order = [int(i) for i in drop_order]
+
+    def blocks_for(self, config: KnobConfig) -> tuple[int, ...]:
+        return active_blocks(self.num_blocks, config.num_active_blocks, self._drop_order)
+
+    def crops_for(self, image: Image.Image, tier: str) -> tuple[int, int]:
+        """(rows, cols) tile grid for `image` at `tier`."""
+        lo, hi = tier_crop_band(self.space, tier)
+        return select_tiling(image.width, image.height, lo, hi)
+
+    @contextmanager
+    def knobs_applied(self, top_k: int, blocks: Sequence[int]) -> Iterator[None]:
+        """Run only `blocks` with `top_k` experts per token; restores layers and top_k on exit."""
+        blocks = tuple(int(b) for b in blocks)
+        if list(blocks) != sorted(set(blocks)) or not blocks or blocks[0] != 0 or blocks[-1] >= self.num_blocks:
+            raise ValueError(f"active blocks must be ascending, unique, start with block 0 and lie below {self.num_blocks}: {blocks}")
+        if not 1 <= top_k <= self.dims.num_experts:
+            raise ValueError(f"top_k={top_k} must lie in [1, {self.dims.num_experts}]")
+        layers = self.lm.model.layers
+        routers = [_router(layer) for layer in layers]
+        saved_k = [r.top_k for r in routers]
+        try:
+            for r in routers:
+                r.top_k = int(top_k)
+            self.lm.model.layers = nn.ModuleList([layers[i] for i in blocks])
+            yield
+        finally:
+            self.lm.model.layers = layers
+            for r, k in zip(routers, saved_k):
+                r.top_k = k
+
+    # --- inference ---------------------------------------------------------------------------
+    def _new_cache(self) -> object:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.lm.config)  # one slot per block; skipped blocks stay empty
+        except TypeError:
+            return DynamicCache()
+
+    @torch.inference_mode()
+    def answer(
+        self,
+        sample: VQASample,
+        config: KnobConfig,
+        max_new_tokens: int | None = None,
+        force_output_tokens: int | None = None,
+        active_blocks_override: Sequence[int] | None = None,
+    ) -> GenerationResult:
+        """Greedy answer under `config`, timed per stage (vision incl. tiling, prefill, each decode step).
+
+        `active_blocks_override` runs exactly those blocks instead of the ones `config.num_active_blocks`
+        and the drop order select (block importance needs arbitrary removal sets); it must include block 0.
+        `force_output_tokens` ignores EOS and generates exactly that many tokens.
+        """
+        self.space.validate(config)
+        blocks = tuple(active_blocks_override) if active_blocks_override is not None else self.blocks_for(config)
+        n_new = int(force_output_tokens or max_new_tokens or sample.max_new_tokens)
+        if n_new < 1:
+            raise ValueError(f"need at least one output token, got {n_new}")
+        rows, cols = self.crops_for(sample.image, config.tier)
+        ids = prompt_token_ids(sample.question, self.dims.text_vocab)
+        clock = StageClock(self.device)
+        tokens: list[torch.Tensor] = []
+        with self.knobs_applied(config.top_k, blocks):
+            with clock.stage("vision"):
+                pixels = image_crops(sample.image, rows, cols, self.dims.image_size)
+                vision = self.vision(pixels.to(self.device, self.dtype)).reshape(1, -1, self.dims.d_model)
+            with clock.stage("prefill"):
+                text = self.lm.get_input_embeddings()(torch.tensor([ids], dtype=torch.long, device=self.device))
+                cache = self._new_cache()
+                out = self.lm(
+                    inputs_embeds=torch.cat([vision, text], dim=1), past_key_values=cache, use_cache=True, logits_to_keep=1
+                )
+                token = out.logits[:, -1].argmax(dim=-1)
+            tokens.append(token)
+            for _ in range(n_new - 1):
+                # Only an unforced run needs the token on the host (an EOS check syncs the GPU).
+                if force_output_tokens is None and int(token.item()) == self.eos_token_id:
+                    break
+                with clock.stage("decode"):
+                    out = self.lm(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+                    token = out.logits[:, -1].argmax(dim=-1)
+                tokens.append(token)
+        ms = clock.durations_ms()
+        token_ids = torch.cat(tokens).tolist()
+        text_ids = [t for t in token_ids if t != self.eos_token_id]
+        crops = rows * cols
+        return GenerationResult(
+            text=" ".join(f"t{t}" for t in text_ids),
+            output_tokens=len(token_ids),
+            crops=crops,
+            vision_tokens=vision.shape[1],
+            text_tokens=len(ids),
+            active_blocks=blocks,
+            T_vision_ms=sum(ms["vision"]),
+            T_prefill_ms=sum(ms["prefill"]),
+            T_decode_ms=sum(ms.get("decode", [])),
+            decode_step_ms=list(ms.get("decode", [])),
+        )
+
+
+# --- latency probe samples ---------------------------------------------------------------------
+
+
+def synthetic_latency_samples(
+    prompt_lengths: Sequence[int],
+    image_sizes: Sequence[tuple[int, int]],
+    n: int,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    dataset: str = "latency_probe",
+    split: str = "test",
+) -> list[VQASample]:
+    """`n` probe requests cycling over every (prompt length, image size) pair.
+
+    Sample i has a question of exactly `prompt_lengths[i % P]` words (= text tokens for molmoe_arch)
+    and a random-noise image of `image_sizes[(i // P) % I]` (width, height); id '<dataset>:<split>:<i>'.
+    """
+    if n < 1 or not prompt_lengths or not image_sizes:
+        raise ValueError("need n >= 1, at least one prompt length and one image size")
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        length = int(prompt_lengths[i % len(prompt_lengths)])
+        width, height = image_sizes[(i // len(prompt_lengths)) % len(image_sizes)]
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        question = " ".join(f"w{int(x)}" for x in rng.integers(0, 10_000, size=length))
+        samples.append(
+            VQASample(
+                sample_id=f"{dataset}:{split}:{i}", dataset=dataset, task="latency_probe",
+                image=Image.fromarray(pixels), question=question, answers=(), max_new_tokens=max_new_tokens,
+            )
+        )
+    return samples
+
+
+# --- a user's real checkpoint --------------------------------------------------------------------
+
+
+@dataclass
+class LocalCheckpoint:
+    """A MolmoE checkpoint loaded from a local directory with its own (remote) code."""
+
+    path: Path
+    model: object
+    processor: object
+
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt")
+
+
+def load_local_checkpoint(model_path: str | Path, device: str | torch.device | None = None) -> LocalCheckpoint:
+    """Load a user's MolmoE checkpoint from `model_path` only (no hub access: local_files_only=True).
+
+    Raises CheckpointNotFoundError (one line, naming the path) when the directory is missing or holds
+    no config.json or no weight files.
+    """
+    path = Path(model_path)
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"MolmoE checkpoint directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise CheckpointNotFoundError(f"MolmoE checkpoint directory {path} has no config.json")
+    if not any(any(path.glob(p)) for p in _WEIGHT_PATTERNS):
+        raise CheckpointNotFoundError(f"MolmoE checkpoint directory {path} has no weight files (*.safetensors / *.bin)")
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, local_files_only=True, dtype=dtype).to(dev)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True, local_files_only=True)
+    return LocalCheckpoint(path=path, model=model.eval(), processor=processor)
+
+
+__all__ = [
+    "MolmoeArchBackend", "MolmoeArchDims", "SIZE_PRESETS", "CheckpointNotFoundError", "LocalCheckpoint",
+    "load_local_checkpoint", "synthetic_latency_samples", "select_tiling", "tier_crop_band", "image_crops",
+    "prompt_token_ids",
+]
