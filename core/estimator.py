@@ -1,0 +1,809 @@
+"""The latency estimator: profiling rows in, predicted latency components (and their P90) out.
+
+One straight line, nanoGPT-style:
+  profiling table -> `prepare_table` (schema gate) -> `split_by_sample` / `split_heldout_config`
+  -> `train_estimator` (MLP on standardised features, best-val-loss weights restored)
+  -> `LatencyEstimator.predict_frame` -> `evaluate_predictor` (per (sample, config) medians).
+
+What is predicted: T_vision_ms, T_prefill_ms and T_decode_per_token_ms, each as a point value and
+an upper quantile (P90 by default, for guardrails). The end-to-end time for an answer of L tokens
+follows: T_total_ms = vision + prefill + (L - 1) * decode_per_token (the first token comes from
+prefill). The P90 of the total is the sum of the component P90s: an upper bound when components
+co-vary, which is the safe side for a guardrail.
+
+Rows and medians. A profiling table holds several `run_index` repeats per (sample, config). We
+train on the rows (each repeat is a draw of the noise; a log-space fit of them estimates the
+typical run, and the P90 head needs the spread) but report errors against per-(sample, config)
+medians, the figure the profiler calls "the latency". On a table with ~10% run-to-run noise (the
+H100 table) per-row errors would mostly measure noise no estimator can predict; medians of 3 runs
+still carry about a third of it (see `estimator_metrics.run_to_run_noise`).
+
+Decode per token is undefined for answers of one token (no decode forward; the schema stores 0):
+those rows are masked out of the decode loss and metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from core.estimator_metrics import evaluate_components, quantile_coverage
+from core.knobs import TIERS, KnobOutOfSpaceError, get_space
+from core.profile_schema import ProfileSchemaError, validate_profile
+from core.profile_store import ProfileStore, ProfileStoreError
+
+# Columns a request/config must carry to be predicted (tier as a name from core.knobs.TIERS).
+RAW_COLUMNS: tuple[str, ...] = ("vision_tokens", "text_tokens", "crops", "tier", "top_k", "num_active_blocks")
+# Model inputs, all computed from RAW_COLUMNS by `features_from_raw` (standardised inside the model).
+# The products follow the cost law of a MoE decoder (work ~ blocks x tokens x experts); the logs make
+# a multiplicative law additive, which is what an MLP fitting log latency finds easiest.
+FEATURES: tuple[str, ...] = (
+    "vision_tokens",
+    "text_tokens",
+    "crops",
+    "tier_index",
+    "top_k",
+    "num_active_blocks",
+    "blocks_x_top_k",
+    "blocks_x_tokens",
+    "log_vision_tokens",
+    "log_tokens",
+    "log_top_k",
+    "log_blocks",
+)
+TARGETS: tuple[str, ...] = ("T_vision_ms", "T_prefill_ms", "T_decode_per_token_ms")
+QUANTILE_SUFFIX = "_p90"
+OUTPUT_COLUMNS: tuple[str, ...] = TARGETS + tuple(f"{t}{QUANTILE_SUFFIX}" for t in TARGETS)
+LOSSES: tuple[str, ...] = ("log_mse", "rel_l1", "mse")
+KNOBS: tuple[str, ...] = ("tier", "top_k", "num_active_blocks")
+GROUP_COLUMNS: tuple[str, ...] = ("sample_id",) + KNOBS
+CHECKPOINT_FORMAT = "latency-estimator/1"
+_DECODE = TARGETS.index("T_decode_per_token_ms")
+_NUMPY_MAX_ROWS = 256  # below this a numpy forward beats torch's dispatch overhead
+_TORCH_CHUNK_ROWS = 8192  # activations of one chunk stay in cache
+_TRAIN_METRIC_GROUPS = 8192  # at most this many training (sample, config) groups feed the per-epoch train_ metrics
+
+
+class EstimatorError(ValueError):
+    """Bad input to the estimator; the message is one line naming the file, field or parameter."""
+
+
+@dataclass
+class EstimatorConfig:
+    """Every hyper-parameter of the estimator with its default, in one place."""
+
+    hidden_width: int = 128
+    depth: int = 3  # hidden layers
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 1e-5
+    batch_size: int = 64
+    num_epochs: int = 50
+    loss: str = "log_mse"  # "log_mse": MSE of standardised log ms; "rel_l1": mean |pred/true - 1|; "mse": MSE of ms / train std
+    quantile: float = 0.9  # upper-quantile head, pinball loss in log space
+    train_split: float = 0.8  # share of samples for training (+ validation) in the splits
+    seed: int = 0
+    device: str = "cpu"
+    # torch intra-op threads while training (restored after). Batches of 64 are dispatch-bound:
+    # a second thread only adds synchronisation, 10x slower on a busy 2-core host. None: torch's.
+    num_threads: int | None = 1
+
+    def validate(self) -> "EstimatorConfig":
+        for name in ("hidden_width", "depth", "batch_size", "num_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise EstimatorError(f"parameter {name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise EstimatorError(f"parameter lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise EstimatorError(f"parameter weight_decay must be >= 0, got {self.weight_decay}")
+        if self.loss not in LOSSES:
+            raise EstimatorError(f"parameter loss must be one of {list(LOSSES)}, got {self.loss!r}")
+        if not 0 < self.quantile < 1:
+            raise EstimatorError(f"parameter quantile must lie in (0, 1), got {self.quantile}")
+        if not 0 < self.train_split < 1:
+            raise EstimatorError(f"parameter train_split must lie in (0, 1), got {self.train_split}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise EstimatorError(f"parameter num_threads must be >= 1, got {self.num_threads}")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "EstimatorConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise EstimatorError(f"{source}: unknown estimator parameter(s) {unknown}")
+        return cls(**values)
+
+
+# --- input gate ------------------------------------------------------------------------------------
+def prepare_table(df: pd.DataFrame | None, source: str = "profile table", dataset_names: list[str] | None = None) -> pd.DataFrame:
+    """Validate a profiling table and keep the wanted data sets.
+
+    In: rows in the profile schema, `source` (a path or name used in errors), optional data set
+    names. Out: the validated rows (schema dtypes). Raises EstimatorError for an empty table,
+    a schema break (NaN/negative latency etc., via validate_profile, naming the field) or an
+    unknown data set name.
+    """
+    if df is None or len(df) == 0:
+        raise EstimatorError(f"{source} is empty: no profiling rows")
+    try:
+        out = validate_profile(df, source)
+    except ProfileSchemaError as exc:
+        raise EstimatorError(str(exc)) from None
+    if dataset_names:
+        known = sorted(out["dataset"].unique())
+        unknown = [d for d in dataset_names if d not in known]
+        if unknown:
+            raise EstimatorError(f"field dataset: unknown data set name(s) {unknown} in {source} (has {known})")
+        out = out[out["dataset"].isin(list(dataset_names))].reset_index(drop=True)
+    return out
+
+
+def load_profile_table(results_dir: str | os.PathLike[str], dataset_names: list[str] | None = None) -> pd.DataFrame:
+    """All rows of `dataset_names` (default all) from a ProfileStore results directory, validated.
+
+    Store errors (missing directory, unknown data set, schema break naming the part file) come
+    back as EstimatorError with the store's one-line message.
+    """
+    try:
+        df = ProfileStore(results_dir).load(dataset_names)
+    except (ProfileStoreError, ProfileSchemaError) as exc:
+        raise EstimatorError(str(exc)) from None
+    return prepare_table(df, source=str(results_dir))
+
+
+# --- features --------------------------------------------------------------------------------------
+def raw_matrix(df: pd.DataFrame) -> np.ndarray:
+    """(N, 6) float64 of RAW_COLUMNS with the tier as its index in core.knobs.TIERS."""
+    missing = [c for c in RAW_COLUMNS if c not in df.columns]
+    if missing:
+        raise EstimatorError(f"field(s) {missing} missing: the estimator needs {list(RAW_COLUMNS)}")
+    tier_index = pd.Categorical(df["tier"], categories=list(TIERS)).codes  # -1: not a tier (hash lookup, fast)
+    if (tier_index < 0).any():
+        bad = df["tier"].to_numpy()[np.flatnonzero(tier_index < 0)[0]]
+        raise EstimatorError(f"field tier={bad!r} is not one of {list(TIERS)}")
+    raw = np.empty((len(df), len(RAW_COLUMNS)), dtype=np.float64)
+    for j, column in enumerate(RAW_COLUMNS):
+        if column == "tier":
+            values = tier_index.astype(np.float64)
+        else:
+            values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.isfinite(values).all() or (values < 0).any():
+            raise EstimatorError(f"field {column} holds NaN or negative values")
+        raw[:, j] = values
+    return raw
+
+
+def features_from_raw(raw: np.ndarray) -> np.ndarray:
+    """FEATURES (N, F) float32 from RAW_COLUMNS values (N, 6), tier as an index."""
+    raw = np.asarray(raw, dtype=np.float64)
+    vision, text, crops, tier, top_k, blocks = (raw[:, j] for j in range(len(RAW_COLUMNS)))
+    tokens = vision + text
+    out = np.empty((len(raw), len(FEATURES)), dtype=np.float32)  # filled column by column: no float64 copy
+    # log1p keeps zero counts finite; the scaler takes care of the offsets.
+    for j, values in enumerate((vision, text, crops, tier, top_k, blocks, blocks * top_k, blocks * tokens,
+                                np.log1p(vision), np.log1p(tokens), np.log1p(top_k), np.log1p(blocks))):
+        out[:, j] = values
+    return out
+
+
+def feature_matrix(df: pd.DataFrame) -> np.ndarray:
+    """FEATURES (N, F) float32 of every row of `df` (needs RAW_COLUMNS)."""
+    return features_from_raw(raw_matrix(df))
+
+
+def target_arrays(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(targets (N, 3) ms in TARGETS order, mask (N, 3) bool: False where decode per token is undefined)."""
+    y = df[list(TARGETS)].to_numpy(dtype=np.float64)
+    mask = np.ones_like(y, dtype=bool)
+    if "output_tokens" in df:
+        mask[:, _DECODE] = df["output_tokens"].to_numpy() > 1
+    mask &= y > 0  # a zero latency has no log; only undefined decode is 0 in a valid table
+    return y, mask
+
+
+def aggregate_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (sample_id, tier, top_k, num_active_blocks): medians over run_index.
+
+    Out: the group keys, the request columns (first value; they do not vary over runs), median
+    latencies, output_tokens (median, rounded) and n_runs. This is the truth the estimator is
+    evaluated against.
+    """
+    missing = [c for c in GROUP_COLUMNS if c not in df.columns]
+    if missing:
+        raise EstimatorError(f"field(s) {missing} missing: cannot group runs")
+    grouped = df.groupby(list(GROUP_COLUMNS), sort=True, observed=True)
+    firsts = [c for c in ("dataset", "backend", "device", "vision_tokens", "text_tokens", "crops") if c in df]
+    latencies = [c for c in ("T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_decode_per_token_ms", "T_total_ms") if c in df]
+    out = grouped[firsts].first()
+    if latencies:
+        out = out.join(grouped[latencies].median())
+    if "output_tokens" in df:
+        out["output_tokens"] = grouped["output_tokens"].median().round().astype("int64")
+    out["n_runs"] = grouped.size()
+    return out.reset_index()
+
+
+# --- splits ----------------------------------------------------------------------------------------
+@dataclass
+class EstimatorSplit:
+    """train / val / test rows plus what made them; unpacks as `train, val, test = split`."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    kind: str  # "by_sample" or "heldout_config"
+    train_fraction: float
+    seed: int
+    heldout_knob: str | None = None
+    heldout_value: object = None
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        return iter((self.train, self.val, self.test))
+
+    def sizes(self) -> dict[str, int]:
+        """Rows, distinct samples and distinct configs per split."""
+        out: dict[str, int] = {}
+        for name, part in (("train", self.train), ("val", self.val), ("test", self.test)):
+            out[f"{name}_rows"] = int(len(part))
+            out[f"{name}_samples"] = int(part["sample_id"].nunique())
+            out[f"{name}_configs"] = int(len(part[list(KNOBS)].drop_duplicates()))
+        return out
+
+    def as_params(self) -> dict[str, object]:
+        """Flat dict to log: split kind, seed, fraction, held-out knob/value, sizes."""
+        value = self.heldout_value.item() if hasattr(self.heldout_value, "item") else self.heldout_value
+        return {"split": self.kind, "split_seed": self.seed, "train_fraction": self.train_fraction,
+                "heldout_knob": self.heldout_knob, "heldout_value": value, **self.sizes()}
+
+
+def _check_splittable(df: pd.DataFrame, train_fraction: float) -> None:
+    if df is None or len(df) == 0:
+        raise EstimatorError("profile table is empty: nothing to split")
+    if "sample_id" not in df.columns:
+        raise EstimatorError("field sample_id missing: cannot split by sample")
+    if not 0 < train_fraction < 1:
+        raise EstimatorError(f"parameter train_fraction must lie in (0, 1), got {train_fraction}")
+
+
+def _take_samples(df: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
+    return df[df["sample_id"].isin(ids.tolist())].reset_index(drop=True)
+
+
+def split_by_sample(df: pd.DataFrame, train_fraction: float = 0.8, seed: int = 0) -> EstimatorSplit:
+    """Split rows so that no sample_id is in two splits.
+
+    Samples are shuffled with `seed`; round((1 - train_fraction) * n) go to test, of the rest
+    train_fraction to train and the remainder to val (each split gets at least one sample, so a
+    table needs >= 3 samples). Every row of a sample (all configs, all runs) stays together.
+    """
+    _check_splittable(df, train_fraction)
+    ids = np.array(sorted(df["sample_id"].astype(str).unique()))
+    n = len(ids)
+    if n < 3:
+        raise EstimatorError(f"field sample_id: split_by_sample needs >= 3 distinct samples, the table has {n}")
+    ids = ids[np.random.default_rng(seed).permutation(n)]
+    n_test = min(max(1, round((1 - train_fraction) * n)), n - 2)
+    n_rest = n - n_test
+    n_train = min(max(1, round(train_fraction * n_rest)), n_rest - 1)
+    train_ids, val_ids, test_ids = ids[:n_train], ids[n_train:n_rest], ids[n_rest:]
+    return EstimatorSplit(_take_samples(df, train_ids), _take_samples(df, val_ids), _take_samples(df, test_ids),
+                          kind="by_sample", train_fraction=train_fraction, seed=seed)
+
+
+def knob_options(df: pd.DataFrame, knob: str) -> list:
+    """The options of `knob` in the knob space of the table's backend (values seen, if several backends)."""
+    if knob not in KNOBS:
+        raise EstimatorError(f"parameter knob must be one of {list(KNOBS)}, got {knob!r}")
+    backends = df["backend"].unique().tolist() if "backend" in df else []
+    if len(backends) == 1:
+        try:
+            space = get_space(str(backends[0]))
+        except KnobOutOfSpaceError as exc:
+            raise EstimatorError(f"field backend: {exc}") from None
+        return list(TIERS) if knob == "tier" else list(space.top_k_options if knob == "top_k" else space.block_options)
+    values = df[knob].unique().tolist()
+    return [t for t in TIERS if t in values] if knob == "tier" else sorted(values)
+
+
+def split_heldout_config(
+    df: pd.DataFrame, knob: str = "top_k", value: object = None, train_fraction: float = 0.8, seed: int = 0
+) -> EstimatorSplit:
+    """Hold out every config with `knob == value`: test is exactly those rows (all samples), train
+    and val never see that value and are split by sample (no sample in both).
+
+    `value` defaults to the middle option of the knob in the backend's knob space (top_k 8 of
+    4..12 for MolmoE), so the test asks for interpolation, not extrapolation.
+    """
+    _check_splittable(df, train_fraction)
+    options = knob_options(df, knob)
+    if value is None:
+        value = options[len(options) // 2]
+    if value not in options:
+        raise EstimatorError(f"parameter value: {knob}={value!r} is not an option (options: {options})")
+    is_heldout = (df[knob] == value).to_numpy()
+    if not is_heldout.any():
+        raise EstimatorError(f"field {knob}: no rows with {knob}={value!r} to hold out")
+    if is_heldout.all():
+        raise EstimatorError(f"field {knob}: every row has {knob}={value!r}; nothing left to train on")
+    rest = df[~is_heldout]
+    ids = np.array(sorted(rest["sample_id"].astype(str).unique()))
+    if len(ids) < 2:
+        raise EstimatorError(f"field sample_id: split_heldout_config needs >= 2 samples, the table has {len(ids)}")
+    ids = ids[np.random.default_rng(seed).permutation(len(ids))]
+    n_val = min(max(1, round((1 - train_fraction) * len(ids))), len(ids) - 1)
+    return EstimatorSplit(_take_samples(rest, ids[n_val:]), _take_samples(rest, ids[:n_val]),
+                          df[is_heldout].reset_index(drop=True), kind="heldout_config",
+                          train_fraction=train_fraction, seed=seed, heldout_knob=knob, heldout_value=value)
+
+
+# --- the model -------------------------------------------------------------------------------------
+class LatencyEstimator(nn.Module):
+    """MLP: standardised FEATURES -> standardised log latency of the three TARGETS (point) and their
+    upper quantile (point + softplus(offset), so the bound never falls below the point).
+
+    The feature and target scalers are buffers fitted on the training rows only (`fit_scalers`) and
+    travel with the weights in the state dict. `predict_frame` is the table interface,
+    `predict_array` the batched one, `predict_one` the per-request one (numpy, no torch dispatch).
+    """
+
+    def __init__(self, config: EstimatorConfig | None = None) -> None:
+        super().__init__()
+        self.config = (config or EstimatorConfig()).validate()
+        width, layers, fan_in = self.config.hidden_width, [], len(FEATURES)
+        for _ in range(self.config.depth):
+            layers += [nn.Linear(fan_in, width), nn.SiLU()]
+            fan_in = width
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 2 * len(TARGETS))
+        self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
+        self.register_buffer("feature_std", torch.ones(len(FEATURES)))
+        self.register_buffer("target_log_mean", torch.zeros(len(TARGETS)))
+        self.register_buffer("target_log_std", torch.ones(len(TARGETS)))
+        self.register_buffer("target_scale_ms", torch.ones(len(TARGETS)))  # train std in ms, for loss "mse"
+        self.meta: dict[str, object] = {}  # JSON-able facts: data it was trained on, best epoch
+        self._numpy_params: tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray] | None = None
+
+    # scalers -----------------------------------------------------------------------------------
+    def fit_scalers(self, train_df: pd.DataFrame) -> "LatencyEstimator":
+        """Fit feature mean/std and log-target mean/std on `train_df` (training rows only)."""
+        features = feature_matrix(train_df).astype(np.float64)
+        y, mask = target_arrays(train_df)
+        mean, std = features.mean(axis=0), features.std(axis=0)
+        # A feature constant in training (e.g. one prompt length) carries no information there; an
+        # infinite scale maps it to 0 everywhere, so an unseen value cannot push the MLP off its data.
+        constant = std <= 1e-9 * np.maximum(np.abs(mean), 1.0)
+        self.feature_mean.copy_(torch.as_tensor(mean))
+        self.feature_std.copy_(torch.as_tensor(np.where(constant, np.inf, std)))
+        for j in range(len(TARGETS)):
+            values = y[mask[:, j], j]
+            if len(values) == 0:
+                raise EstimatorError(f"field {TARGETS[j]}: no training row defines it")
+            logs = np.log(values)
+            self.target_log_mean[j] = float(logs.mean())
+            self.target_log_std[j] = float(logs.std()) if logs.std() > 1e-12 else 1.0
+            self.target_scale_ms[j] = float(values.std()) if values.std() > 1e-12 else float(values.mean())
+        self._numpy_params = None
+        return self
+
+    def standardise(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(features, dtype=torch.float32, device=self.feature_mean.device)
+        return (x - self.feature_mean) / self.feature_std
+
+    # forward -----------------------------------------------------------------------------------
+    def forward(self, x_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In: standardised features (N, F). Out: (point, upper) standardised log latency, (N, 3) each."""
+        out = self.head(self.trunk(x_std))
+        point = out[:, : len(TARGETS)]
+        # Detached: the quantile head learns an offset without dragging the point estimate up.
+        upper = point.detach() + nn.functional.softplus(out[:, len(TARGETS):])
+        return point, upper
+
+    def to_log_ms(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.target_log_std + self.target_log_mean
+
+    def train(self, mode: bool = True) -> "LatencyEstimator":
+        self._numpy_params = None  # weights may change: drop the numpy copy
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        self._numpy_params = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # inference ---------------------------------------------------------------------------------
+    def _numpy_weights(self) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+        """Float32 (W^T, b) per layer with the feature scaler folded into the first layer, plus the
+        log-target scale and offset for the six outputs (cached: a request pays no torch call)."""
+        if self._numpy_params is None:
+            linears = [m for m in self.trunk if isinstance(m, nn.Linear)] + [self.head]
+            params = [(m.weight.detach().cpu().double().numpy().T.copy(), m.bias.detach().cpu().double().numpy().copy())
+                      for m in linears]
+            mean, std = self.feature_mean.cpu().double().numpy(), self.feature_std.cpu().double().numpy()
+            w0, b0 = params[0]
+            # (x - mean) / std @ W + b  ==  x @ (W / std) + (b - (mean / std) @ W)
+            params[0] = (w0 / std[:, None], b0 - (mean / std) @ w0)
+            layers = [(np.ascontiguousarray(w, dtype=np.float32), b.astype(np.float32)) for w, b in params]
+            scale = np.tile(self.target_log_std.cpu().double().numpy(), 2)
+            offset = np.tile(self.target_log_mean.cpu().double().numpy(), 2)
+            self._numpy_params = (layers, scale, offset)
+        return self._numpy_params
+
+    def _forward_numpy(self, features: np.ndarray) -> np.ndarray:
+        layers, scale, offset = self._numpy_weights()
+        h = np.asarray(features, dtype=np.float32)
+        for w, b in layers[:-1]:
+            h = h @ w + b
+            h = 0.5 * h * (1.0 + np.tanh(0.5 * h))  # SiLU; the tanh form cannot overflow
+        out = (h @ layers[-1][0] + layers[-1][1]).astype(np.float64)
+        k = len(TARGETS)
+        out[:, k:] = out[:, :k] + np.logaddexp(0.0, out[:, k:])  # upper = point + softplus(offset)
+        return np.exp(out * scale + offset)
+
+    @torch.inference_mode()
+    def _forward_torch(self, features: np.ndarray) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(features), _TORCH_CHUNK_ROWS):
+            point, upper = self(self.standardise(features[start:start + _TORCH_CHUNK_ROWS]))
+            log_ms = torch.cat([self.to_log_ms(point), self.to_log_ms(upper)], dim=1)
+            outputs.append(torch.exp(log_ms.double()).cpu().numpy())
+        return np.concatenate(outputs) if outputs else np.empty((0, 2 * len(TARGETS)))
+
+    def predict_array(self, raw: np.ndarray) -> np.ndarray:
+        """In: (N, 6) RAW_COLUMNS values, tier as index. Out: (N, 6) ms in OUTPUT_COLUMNS order
+        (three points, then three upper quantiles). Small batches run in numpy, large in torch."""
+        if self.training:
+            self.eval()
+        features = features_from_raw(raw)
+        return self._forward_numpy(features) if len(features) <= _NUMPY_MAX_ROWS else self._forward_torch(features)
+
+    def predict_frame(self, df_configs: pd.DataFrame) -> pd.DataFrame:
+        """In: rows with RAW_COLUMNS (tier by name), optionally output_tokens. Out: same index,
+        columns T_vision_ms, T_prefill_ms, T_decode_per_token_ms and their _p90 variants, plus
+        T_total_ms and T_total_ms_p90 when output_tokens is given."""
+        out = pd.DataFrame(self.predict_array(raw_matrix(df_configs)), columns=list(OUTPUT_COLUMNS), index=df_configs.index)
+        return add_total(out, df_configs)
+
+    def predict_one(self, tier: str, top_k: int, num_active_blocks: int, vision_tokens: int, text_tokens: int,
+                    crops: int, output_tokens: int | None = None) -> dict[str, float]:
+        """One request, one config -> {column: ms} as predict_frame would give (numpy path, ~tens of us)."""
+        if tier not in TIERS:
+            raise EstimatorError(f"field tier={tier!r} is not one of {list(TIERS)}")
+        if self.training:
+            self.eval()
+        raw = np.array([[vision_tokens, text_tokens, crops, TIERS.index(tier), top_k, num_active_blocks]], dtype=np.float64)
+        values = self._forward_numpy(features_from_raw(raw))[0]
+        out = dict(zip(OUTPUT_COLUMNS, values.tolist()))
+        if output_tokens is not None:
+            steps = max(int(output_tokens) - 1, 0)
+            out["T_total_ms"] = out["T_vision_ms"] + out["T_prefill_ms"] + steps * out["T_decode_per_token_ms"]
+            out["T_total_ms_p90"] = (out["T_vision_ms_p90"] + out["T_prefill_ms_p90"]
+                                     + steps * out["T_decode_per_token_ms_p90"])
+        return out
+
+    # persistence -------------------------------------------------------------------------------
+    def checkpoint(self, extra_meta: dict | None = None) -> dict:
+        """The plain dict `save` writes: format tag, FEATURES, config, state dict (CPU), meta."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "features": list(FEATURES),
+            "targets": list(TARGETS),
+            "config": asdict(self.config),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
+            "meta": {**self.meta, **(extra_meta or {})},
+        }
+
+    def save(self, path: str | os.PathLike[str], extra_meta: dict | None = None) -> Path:
+        """Weights + scalers + config + meta in one torch.save file (write, then rename)."""
+        path = Path(path)
+        _atomic_torch_save(self.checkpoint(extra_meta), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "LatencyEstimator":
+        """Rebuild a saved estimator; EstimatorError naming the file for a missing, foreign or
+        wrong-shaped checkpoint (other features, other hidden width or depth)."""
+        path = Path(path)
+        if not path.is_file():
+            raise EstimatorError(f"estimator checkpoint {path} does not exist")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+            raise EstimatorError(f"estimator checkpoint {path} cannot be read ({type(exc).__name__})") from None
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+            raise EstimatorError(f"estimator checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+        if list(saved.get("features", [])) != list(FEATURES) or list(saved.get("targets", [])) != list(TARGETS):
+            raise EstimatorError(
+                f"estimator checkpoint {path}: field features {saved.get('features')} / targets {saved.get('targets')} "
+                f"do not match this code's {list(FEATURES)} / {list(TARGETS)}"
+            )
+        config = EstimatorConfig.from_dict(dict(saved.get("config", {})), source=f"estimator checkpoint {path}")
+        try:
+            model = cls(config)
+        except EstimatorError as exc:
+            raise EstimatorError(f"estimator checkpoint {path}: {exc}") from None
+        state = saved.get("state_dict", {})
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise EstimatorError(f"estimator checkpoint {path}: state has missing {missing} / unexpected {unexpected} tensors")
+        for key, tensor in expected.items():
+            if tuple(state[key].shape) != tuple(tensor.shape):
+                raise EstimatorError(
+                    f"estimator checkpoint {path}: field {key} has shape {tuple(state[key].shape)}, "
+                    f"config hidden_width={config.hidden_width} depth={config.depth} needs {tuple(tensor.shape)}"
+                )
+        model.load_state_dict(state)
+        model.meta = dict(saved.get("meta", {}))
+        return model.eval()
+
+
+def add_total(pred: pd.DataFrame, df_configs: pd.DataFrame) -> pd.DataFrame:
+    """Add T_total_ms (and _p90 where the components have one) from output_tokens, if given:
+    vision + prefill + max(output_tokens - 1, 0) * decode_per_token."""
+    if "output_tokens" not in df_configs:
+        return pred
+    steps = np.maximum(df_configs["output_tokens"].to_numpy(dtype=np.float64) - 1, 0)
+    pred["T_total_ms"] = pred["T_vision_ms"] + pred["T_prefill_ms"] + steps * pred["T_decode_per_token_ms"]
+    if "T_vision_ms_p90" in pred:
+        pred["T_total_ms_p90"] = pred["T_vision_ms_p90"] + pred["T_prefill_ms_p90"] + steps * pred["T_decode_per_token_ms_p90"]
+    return pred
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    # Write then rename: a run killed mid-save leaves the previous file intact.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --- training --------------------------------------------------------------------------------------
+@dataclass
+class _Tensors:
+    """One split as tensors: standardised features, standardised log targets, ms targets, mask."""
+
+    x: torch.Tensor
+    y_z: torch.Tensor
+    y_ms: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def build(cls, model: LatencyEstimator, df: pd.DataFrame, device: torch.device) -> "_Tensors":
+        y, mask = target_arrays(df)
+        log_y = np.log(np.where(mask, y, 1.0))  # masked entries get a dummy that the mask removes
+        mean, std = model.target_log_mean.cpu().double().numpy(), model.target_log_std.cpu().double().numpy()
+        y_z = np.where(mask, (log_y - mean) / std, 0.0)
+        as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+        return cls(model.standardise(feature_matrix(df)).to(device), as_tensor(y_z), as_tensor(y), as_tensor(mask))
+
+
+def _loss(model: LatencyEstimator, config: EstimatorConfig, x: torch.Tensor, y_z: torch.Tensor, y_ms: torch.Tensor,
+          mask: torch.Tensor) -> torch.Tensor:
+    """Point loss + pinball loss of the upper quantile, averaged over defined (row, component) entries.
+
+    Written as one masked sum: with batches of 64 the step time is op dispatch, not arithmetic.
+    """
+    point, upper = model(x)
+    if config.loss == "log_mse":
+        point_error = (point - y_z).square()
+    elif config.loss == "rel_l1":
+        # pred / true = exp(log pred - log true); both logs are z * std + mean, the means cancel.
+        point_error = (torch.exp((point - y_z) * model.target_log_std) - 1).abs()
+    else:  # "mse": in ms, each component scaled by its train std so that none dominates
+        point_error = ((torch.exp(model.to_log_ms(point)) - y_ms) / model.target_scale_ms).square()
+    # Pinball loss in log space: log is monotone, so its quantile is the latency's quantile.
+    error = y_z - upper
+    pinball = error * (config.quantile - (error < 0).to(error.dtype))
+    return ((point_error + pinball) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@torch.no_grad()
+def _loss_and_coverage(model: LatencyEstimator, config: EstimatorConfig, data: _Tensors) -> tuple[float, float]:
+    """(loss over the rows, share of defined entries at or below the predicted upper quantile)."""
+    loss_sum, hits, count = 0.0, 0.0, 0.0
+    for start in range(0, len(data.x), _TORCH_CHUNK_ROWS):
+        part = slice(start, start + _TORCH_CHUNK_ROWS)
+        loss = _loss(model, config, data.x[part], data.y_z[part], data.y_ms[part], data.mask[part])
+        _, upper = model(data.x[part])
+        weight = float(data.mask[part].sum())
+        loss_sum += float(loss) * weight
+        hits += float(((data.y_z[part] <= upper) * data.mask[part]).sum())
+        count += weight
+    return loss_sum / max(count, 1.0), hits / max(count, 1.0)
+
+
+@torch.no_grad()
+def _median_metrics(model: LatencyEstimator, data: _Tensors, prefix: str) -> dict[str, float]:
+    """MAE (ms) and relative error (fraction) per component against per-(sample, config) medians."""
+    preds = []
+    for start in range(0, len(data.x), _TORCH_CHUNK_ROWS):
+        point, _ = model(data.x[start:start + _TORCH_CHUNK_ROWS])
+        preds.append(torch.exp(model.to_log_ms(point)))
+    pred = torch.cat(preds)
+    out: dict[str, float] = {}
+    for j, short in enumerate(("vision", "prefill", "decode")):
+        rows = data.mask[:, j] > 0
+        error = (pred[rows, j] - data.y_ms[rows, j]).abs()
+        out[f"{prefix}mae_{short}"] = float(error.mean()) if rows.any() else float("nan")
+        out[f"{prefix}rel_error_{short}"] = float((error / data.y_ms[rows, j]).mean()) if rows.any() else float("nan")
+    return out
+
+
+def train_estimator(
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    config: EstimatorConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+) -> tuple[LatencyEstimator, list[dict]]:
+    """Train the MLP on `train_df` rows; select the epoch by loss on `val_df` rows.
+
+    In: profiling rows (validated here), the config, an optional callback given each epoch's
+    record (its exceptions propagate, e.g. an Optuna prune), an optional checkpoint directory
+    (best.pt whenever val loss improves, epoch_010.pt-style every 10 epochs, all loadable with
+    LatencyEstimator.load; last.pt holds the training state) and `resume` (continue from
+    checkpoint_dir/last.pt when it exists).
+    Out: (model with the best-val-loss weights restored, in eval mode; history). One history
+    record per epoch: epoch, train_loss (mean over the epoch's batches), val_loss (point + pinball
+    loss on val rows), train_/val_ mae_{vision,prefill,decode} (ms) and rel_error_{...} (fraction)
+    against per-(sample, config) medians (train_: a fixed random subset of at most 8,192 groups),
+    val_p90_coverage (share of val rows under the upper quantile), lr, epoch_time_s, is_best (0/1).
+    """
+    config.validate()
+    train_df = prepare_table(train_df, "train_df")
+    val_df = prepare_table(val_df, "val_df")
+    threads_before = torch.get_num_threads()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _train(train_df, val_df, config, on_epoch, checkpoint_dir, resume)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(train_df: pd.DataFrame, val_df: pd.DataFrame, config: EstimatorConfig, on_epoch: Callable[[dict], None] | None,
+           checkpoint_dir: Path | None, resume: bool) -> tuple[LatencyEstimator, list[dict]]:
+    torch.manual_seed(config.seed)
+    shuffle_rng = torch.Generator().manual_seed(config.seed)
+    device = torch.device(config.device)
+
+    model = LatencyEstimator(config).fit_scalers(train_df).to(device)  # scalers see training rows only
+    model.meta = {
+        "backends": sorted(train_df["backend"].unique().tolist()),
+        "datasets": sorted(train_df["dataset"].unique().tolist()),
+        "devices": sorted(train_df["device"].unique().tolist()),
+        "train_rows": int(len(train_df)), "val_rows": int(len(val_df)),
+        "train_samples": int(train_df["sample_id"].nunique()), "val_samples": int(val_df["sample_id"].nunique()),
+    }
+    train_rows, val_rows = _Tensors.build(model, train_df, device), _Tensors.build(model, val_df, device)
+    train_groups = aggregate_runs(train_df)
+    if len(train_groups) > _TRAIN_METRIC_GROUPS:  # train_ metrics on a fixed random subset: they are a check, not the objective
+        train_groups = train_groups.sample(n=_TRAIN_METRIC_GROUPS, random_state=config.seed)
+    train_groups = _Tensors.build(model, train_groups, device)
+    val_groups = _Tensors.build(model, aggregate_runs(val_df), device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+
+    history: list[dict] = []
+    best_state = copy.deepcopy(model.state_dict())
+    best_epoch, best_val_loss, start_epoch = 0, math.inf, 0
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    last_path = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
+    if resume and last_path is not None and last_path.exists():
+        saved = torch.load(last_path, map_location=device, weights_only=True)
+        # Everything but the epoch count, device and threads must match: resuming may extend a run.
+        free = ("num_epochs", "device", "num_threads")
+        was = {k: v for k, v in saved.get("config", {}).items() if k not in free}
+        now = {k: v for k, v in asdict(config).items() if k not in free}
+        if was != now:
+            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            raise EstimatorError(f"checkpoint {last_path} was written with other parameter(s) {changed}; cannot resume")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        shuffle_rng.set_state(saved["shuffle_rng"])
+        history, best_state = list(saved["history"]), saved["best_state"]
+        best_epoch, best_val_loss, start_epoch = saved["best_epoch"], saved["best_val_loss"], saved["epoch"]
+
+    n_train = len(train_rows.x)
+    epochs = tqdm(range(start_epoch + 1, config.num_epochs + 1), desc="estimator epochs",
+                  initial=start_epoch, total=config.num_epochs)
+    for epoch in epochs:
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(n_train, generator=shuffle_rng).to(device)
+        # One gather per epoch, then contiguous slices: cheaper than indexing every batch.
+        x, y_z, y_ms, mask = (t[order] for t in (train_rows.x, train_rows.y_z, train_rows.y_ms, train_rows.mask))
+        loss_sum = torch.zeros((), device=device)
+        for start in range(0, n_train, config.batch_size):
+            part = slice(start, start + config.batch_size)
+            loss = _loss(model, config, x[part], y_z[part], y_ms[part], mask[part])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * (min(start + config.batch_size, n_train) - start)  # no per-step sync
+        model.eval()
+        val_loss, val_coverage = _loss_and_coverage(model, config, val_rows)
+        is_best = val_loss < best_val_loss
+        if is_best:
+            best_state = copy.deepcopy(model.state_dict())  # a copy, not a live view of the weights
+            best_epoch, best_val_loss = epoch, val_loss
+        record = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum) / n_train,
+            "val_loss": val_loss,
+            **_median_metrics(model, train_groups, "train_"),
+            **_median_metrics(model, val_groups, "val_"),
+            "val_p90_coverage": val_coverage,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": time.perf_counter() - started,
+            "is_best": int(is_best),
+        }
+        history.append(record)
+        epochs.set_postfix(loss=f"{record['train_loss']:.4f}", val_loss=f"{val_loss:.4f}",
+                           mae_prefill=f"{record['val_mae_prefill']:.2f}", mae_decode=f"{record['val_mae_decode']:.3f}")
+        if checkpoint_dir is not None:
+            if is_best:
+                model.save(checkpoint_dir / "best.pt", {"epoch": epoch, "val_loss": val_loss})
+            if epoch % 10 == 0:
+                model.save(checkpoint_dir / f"epoch_{epoch:03d}.pt", {"epoch": epoch, "val_loss": val_loss})
+            _atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "shuffle_rng": shuffle_rng.get_state(),
+                "history": history, "best_state": best_state, "best_epoch": best_epoch, "best_val_loss": best_val_loss,
+                "epoch": epoch, "config": asdict(config),
+            }, last_path)
+        if on_epoch is not None:
+            on_epoch(record)
+    epochs.close()
+
+    model.load_state_dict(best_state)
+    model.meta["best_epoch"] = best_epoch
+    model.meta["best_val_loss"] = best_val_loss
+    return model.eval(), history
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+class Predictor(Protocol):
+    def predict_frame(self, df_configs: pd.DataFrame) -> pd.DataFrame: ...
+
+
+def predict_groups(predictor: Predictor, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-(sample, config) medians of `df`, the predictor's frame for them), rows aligned."""
+    truth = aggregate_runs(df)
+    return truth, predictor.predict_frame(truth)
+
+
+def evaluate_predictor(predictor: Predictor, df: pd.DataFrame, prefix: str = "test_") -> dict[str, float]:
+    """All metrics of `predictor` on profiling rows `df`.
+
+    Point metrics (core.estimator_metrics.evaluate_components) against per-(sample, config)
+    medians; P90 coverage against single rows (a guardrail bounds one run). `df` is validated
+    (EstimatorError naming the field). Out: flat
+    {<prefix>name: value}, e.g. test_mape_prefill, test_within10, test_p90_coverage_total.
+    """
+    df = prepare_table(df, source=f"{prefix or 'evaluation '}rows")  # NaN / negative latencies fail here, by name
+    truth, pred = predict_groups(predictor, df)
+    metrics = evaluate_components(truth, pred, prefix)
+    metrics[f"{prefix}groups"] = metrics.pop(f"{prefix}n")
+    metrics[f"{prefix}rows"] = float(len(df))
+    row_pred = predictor.predict_frame(df)
+    if any(c.endswith(QUANTILE_SUFFIX) for c in row_pred.columns):
+        metrics.update(quantile_coverage(df, row_pred, prefix))
+    return metrics
+
+
+__all__ = [
+    "EstimatorConfig", "EstimatorError", "EstimatorSplit", "FEATURES", "GROUP_COLUMNS", "LatencyEstimator",
+    "OUTPUT_COLUMNS", "RAW_COLUMNS", "TARGETS", "add_total", "aggregate_runs", "evaluate_predictor",
+    "feature_matrix", "features_from_raw", "knob_options", "load_profile_table", "predict_groups",
+    "prepare_table", "raw_matrix", "split_by_sample", "split_heldout_config", "target_arrays", "train_estimator",
+]
