@@ -200,10 +200,13 @@ def get_space(name: str) -> KnobSpace:
 
 # The embedded default: the small MoE VLM the platform trains itself (core/base_vlm.py).
 # Values are owned by the base-VLM work; keep the shape (3 tiers, 5 top_k, 5 block options).
+# Suite images are 2:1, so the caps 1 / 2 / 8 give 1x1, 1x2 and 2x4 tile grids: each tier doubles the
+# resolution of the one below (small text is legible only at the high tier). Experts are trained at
+# top-4 of 8; top_k 6 is the one option above the trained value, as 10 and 12 are for MolmoE's top-8.
 BASE_VLM_SPACE = register_space(
     KnobSpace(
         name="base_vlm",
-        tier_max_crops={"low": 1, "medium": 2, "high": 4},
+        tier_max_crops={"low": 1, "medium": 2, "high": 8},
         top_k_options=(1, 2, 3, 4, 6),
         block_options=(4, 5, 6, 7, 8),
         num_blocks=8,

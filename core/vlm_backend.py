@@ -84,3 +84,32 @@ class VLMBackend(Protocol):
         random-weight models, where EOS would come at random).
         """
         ...
+
+
+BACKENDS = ("base_vlm", "molmoe_arch")
+
+
+def load_backend(
+    name: str,
+    device: str = "cpu",
+    checkpoint_dir: str | None = None,
+    size: str = "reference",
+    drop_order: Sequence[int] | None = None,
+) -> VLMBackend:
+    """Build a backend by name: `base_vlm` from a trained checkpoint directory, `molmoe_arch` at a size
+    preset (random weights). `drop_order` (ascending importance) replaces the default one."""
+    if name == "base_vlm":
+        if not checkpoint_dir:
+            raise ValueError("backend base_vlm needs a checkpoint directory (base_model)")
+        from core.base_vlm import BaseVLMBackend
+
+        backend: VLMBackend = BaseVLMBackend.from_pretrained(checkpoint_dir, device=device)
+    elif name == "molmoe_arch":
+        from core.molmoe_arch import MolmoeArchBackend
+
+        backend = MolmoeArchBackend(size=size, device=device)
+    else:
+        raise ValueError(f"backend={name!r} is unknown (choose from: {', '.join(BACKENDS)})")
+    if drop_order is not None:
+        backend.set_drop_order(drop_order)
+    return backend

@@ -17,6 +17,10 @@ ENTRY_POINT_MODULES: dict[str, str] = {
     "train_predictor": "entry_points.train_predictor",
     "tune": "entry_points.tune",
     "promote": "entry_points.promote",
+    "train_base_model": "entry_points.train_base_model",
+    "evaluate_base_model": "entry_points.evaluate_base_model",
+    "importance": "entry_points.importance",
+    "profile": "entry_points.profile",
 }
 
 MLPROJECT_PATH = Path(__file__).resolve().parents[1] / "MLproject"

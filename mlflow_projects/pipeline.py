@@ -27,6 +27,12 @@ from tracking.store import study_for
 class Params:
     """Run the platform's steps end to end on the embedded defaults, reusing finished steps."""
 
+    base_checkpoint: str = "data/base_vlm"  # committed base VLM; '' = train it (train_base_model defaults)
+    eval_test_samples: int = 100  # per data set
+    importance_samples: int = 20  # per data set and split
+    profile_samples: int = 4  # per data set (the full sweep: -P profile_samples=100 -P profile_runs=3)
+    profile_runs: int = 1
+    profile_results_dir: str = "results/profiles/pipeline"
     trace: str = "synthetic"
     num_days: int = 61
     predictor_epochs: int = 150
@@ -50,13 +56,35 @@ class StepOutcome:
 
 
 def steps_for(params: Params) -> list[Step]:
-    return [
+    base_model = lambda done: f"runs:/{done['base_model']}/model"  # noqa: E731
+    register = {"from_checkpoint": params.base_checkpoint, "epochs": "0"} if params.base_checkpoint else {}
+    forecasting = [
         Step("train_predictor", "train_predictor", lambda done: {
             "trace": params.trace, "num_days": str(params.num_days), "num_epochs": str(params.predictor_epochs),
         }),
         Step("promote_predictor", "promote", lambda done: {
             "model_name": "workload-predictor", "metric": "test_wape_mean", "mode": "min",
         }, reusable=False),
+    ]
+    if params.base_checkpoint and not (Path(params.base_checkpoint) / "base_vlm_config.json").is_file():
+        print(f"pipeline: no base-VLM checkpoint at {params.base_checkpoint}: skipping the base-VLM steps "
+              "(pass -P base_checkpoint='' to train one, ~20 min on 2 cores)")
+        return forecasting
+    return [
+        Step("base_model", "train_base_model", lambda done: register),
+        Step("evaluate_base_model", "evaluate_base_model", lambda done: {
+            "base_model": base_model(done), "test_samples": str(params.eval_test_samples),
+        }),
+        Step("importance", "importance", lambda done: {
+            "base_model": base_model(done), "train_samples": str(params.importance_samples),
+            "val_samples": str(params.importance_samples),
+        }),
+        Step("profile", "profile", lambda done: {
+            "backend": "base_vlm", "base_model": base_model(done), "importance": done["importance"],
+            "num_samples": str(params.profile_samples), "num_runs": str(params.profile_runs),
+            "results_dir": params.profile_results_dir,
+        }),
+        *forecasting,
     ]
 
 
@@ -118,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pipeline run {pipeline_run.info.run_id} (git {commit}):")
     for o in outcomes:
         print(f"  {o.name:<22} run {o.run_id}  {'reused' if o.reused else 'executed'}")
-    for name in ("workload-predictor",):
+    for name in ("base-vlm", "workload-predictor"):
         try:
             mv = MlflowClient().get_model_version_by_alias(name, "champion")
             print(f"  registered model {name}: champion = version {mv.version} (models:/{name}@champion)")

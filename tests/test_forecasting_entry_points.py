@@ -170,7 +170,8 @@ def _clean_checkout(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_pipeline_reuses_a_finished_step_on_its_second_run(subprocess_env, tmp_path):
     checkout = _clean_checkout(tmp_path)
-    args = [sys.executable, "-m", "mlflow_projects.pipeline", "--num_days", "4", "--predictor_epochs", "2"]
+    args = [sys.executable, "-m", "mlflow_projects.pipeline", "--num_days", "4", "--predictor_epochs", "2",
+            "--eval_test_samples", "2", "--importance_samples", "1", "--profile_samples", "1"]
     env = {**subprocess_env, "PYTHONPATH": str(checkout)}
     first = subprocess.run(args, cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -183,4 +184,4 @@ def test_pipeline_reuses_a_finished_step_on_its_second_run(subprocess_env, tmp_p
     pipelines = [r for r in _runs("FINISHED") if r.data.tags.get("entry_point") == "pipeline"]
     assert len(pipelines) == 2
     children = [r for r in _runs() if r.data.tags.get("mlflow.parentRunId") in {p.info.run_id for p in pipelines}]
-    assert {r.data.tags.get("pipeline_step") for r in children} == {"train_predictor", "promote_predictor"}
+    assert {r.data.tags.get("pipeline_step") for r in children} >= {"train_predictor", "promote_predictor"}

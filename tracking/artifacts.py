@@ -16,7 +16,7 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.data.code_dataset_source import CodeDatasetSource  # noqa: E402
 
-DATASET_CONTEXTS = ("training", "validation", "test")
+DATASET_CONTEXTS = ("training", "validation", "test", "profile")
 
 
 def _log_file(write, artifact_file: str) -> None:

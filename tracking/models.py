@@ -8,21 +8,18 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow.models import infer_signature
+from mlflow.types.schema import ColSpec, Schema
 
 from tracking.run_context import REPO_ROOT
 
-# Pinned like pyproject.toml; explicit, because inferring them costs seconds per call.
-def pip_requirements(*extra: str) -> list[str]:
-    import numpy
-    import torch
+BASE_REQUIREMENTS = ("mlflow", "torch", "pandas", "numpy")
 
-    return [
-        f"mlflow=={mlflow.__version__}",
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"pandas=={pd.__version__}",
-        f"numpy=={numpy.__version__}",
-        *extra,
-    ]
+
+def pip_requirements(*extra_packages: str) -> list[str]:
+    """Explicit pins of the installed versions (inferring requirements costs seconds per call)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in (*BASE_REQUIREMENTS, *extra_packages)]
 
 
 def log_pyfunc_model(
@@ -32,11 +29,16 @@ def log_pyfunc_model(
     input_example: pd.DataFrame,
     output_example: pd.DataFrame,
     registered_model_name: str | None = None,
-    extra_requirements: tuple[str, ...] = (),
+    extra_requirements: tuple[str, ...] = (),  # package names; pinned to the installed versions
     params: dict[str, Any] | None = None,
+    optional_inputs: tuple[str, ...] = (),
 ) -> Any:
     """Log a pyfunc model with `core/` and `tracking/` shipped as code, so it loads in a fresh process anywhere."""
     signature = infer_signature(input_example, output_example, params=params)
+    if optional_inputs:  # columns a caller may leave out (the model fills a default)
+        signature.inputs = Schema([
+            ColSpec(c.type, c.name, required=c.name not in optional_inputs) for c in signature.inputs.inputs
+        ])
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=python_model,

@@ -1,0 +1,125 @@
+"""Accuracy and latency of a VLM backend on VQA samples, at one knob config or over the whole grid.
+
+Everything goes through `VLMBackend.answer` (greedy, batch 1, knobs applied and restored per
+request), the same path the profiler and adaptive inference take, so the figures are comparable.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+import pandas as pd
+from tqdm import tqdm
+
+from core.knobs import KnobConfig, KnobSpace
+from core.timing import RepeatedTiming, summarize_ms
+from core.vlm_backend import VLMBackend, VQASample
+from core.vqa_metrics import exact_match, vqa_score
+
+
+def score_split(backend: VLMBackend, samples: Sequence[VQASample], config: KnobConfig, progress: bool = True) -> dict:
+    """Greedy answers under `config` and their scores.
+
+    Returns {"vqa_score": mean over samples, "exact_match": ..., "vqa_score_mean_over_datasets": mean of
+    the per-data-set means, "per_dataset": {dataset: {"vqa_score", "exact_match", "n"}},
+    "predictions": [{"sample_id", "dataset", "prediction", "answer", "vqa_score", "exact_match",
+    "output_tokens", "T_total_ms"}]}.
+    """
+    if not samples:
+        raise ValueError("score_split needs at least one sample")
+    rows = []
+    for s in tqdm(samples, desc=f"score {config.key}", leave=False, disable=not progress):
+        r = backend.answer(s, config)
+        rows.append(
+            {
+                "sample_id": s.sample_id,
+                "dataset": s.dataset,
+                "prediction": r.text,
+                "answer": s.answers[0],
+                "vqa_score": vqa_score(r.text, s.answers),
+                "exact_match": exact_match(r.text, s.answers),
+                "output_tokens": r.output_tokens,
+                "T_total_ms": r.T_total_ms,
+            }
+        )
+    per_dataset: dict[str, dict[str, float]] = {}
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == ds]
+        per_dataset[ds] = {
+            "vqa_score": statistics.fmean(r["vqa_score"] for r in mine),
+            "exact_match": statistics.fmean(r["exact_match"] for r in mine),
+            "n": len(mine),
+        }
+    return {
+        "vqa_score": statistics.fmean(r["vqa_score"] for r in rows),
+        "exact_match": statistics.fmean(r["exact_match"] for r in rows),
+        "vqa_score_mean_over_datasets": statistics.fmean(d["vqa_score"] for d in per_dataset.values()),
+        "per_dataset": per_dataset,
+        "predictions": rows,
+    }
+
+
+def latency_medians(
+    backend: VLMBackend,
+    samples: Sequence[VQASample],
+    config: KnobConfig,
+    repeats: int = 5,
+    warmup: int = 1,
+    progress: bool = False,
+) -> RepeatedTiming:
+    """T_total (ms) at batch 1 under `config`: per sample the median of `repeats` timed answers after
+    `warmup` untimed ones; the returned figure summarises those per-sample medians (its median_ms is
+    the median over samples, samples_ms holds one median per sample)."""
+    if repeats < 5:
+        raise ValueError(f"latency needs at least 5 repeats, got {repeats}")
+    if not samples:
+        raise ValueError("latency_medians needs at least one sample")
+    per_sample = []
+    for s in tqdm(samples, desc=f"latency {config.key}", leave=False, disable=not progress):
+        for _ in range(warmup):
+            backend.answer(s, config)
+        per_sample.append(statistics.median(backend.answer(s, config).T_total_ms for _ in range(repeats)))
+    return summarize_ms(per_sample)
+
+
+def grid_table(
+    backend: VLMBackend,
+    samples: Sequence[VQASample],
+    space: KnobSpace | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> pd.DataFrame:
+    """Accuracy and median latency of every config of the grid on `samples` (keep it a small subset).
+
+    One row per config: tier, top_k, num_active_blocks, config, vqa_score, exact_match,
+    vqa_score_<dataset>, and medians over samples x repeats of T_vision_ms, T_prefill_ms,
+    T_decode_ms and T_total_ms (each after `warmup` untimed answers per sample).
+    """
+    space = space or backend.space
+    if not samples:
+        raise ValueError("grid_table needs at least one sample")
+    rows = []
+    for config in tqdm(space.grid(), desc="knob grid"):
+        scores, exact, by_ds = [], [], {}
+        timings: dict[str, list[float]] = {"T_vision_ms": [], "T_prefill_ms": [], "T_decode_ms": [], "T_total_ms": []}
+        for s in samples:
+            for _ in range(warmup):
+                backend.answer(s, config)
+            results = [backend.answer(s, config) for _ in range(repeats)]
+            score = vqa_score(results[0].text, s.answers)
+            scores.append(score)
+            exact.append(exact_match(results[0].text, s.answers))
+            by_ds.setdefault(s.dataset, []).append(score)
+            for r in results:
+                timings["T_vision_ms"].append(r.T_vision_ms)
+                timings["T_prefill_ms"].append(r.T_prefill_ms)
+                timings["T_decode_ms"].append(r.T_decode_ms)
+                timings["T_total_ms"].append(r.T_total_ms)
+        row: dict[str, object] = {**config.as_dict(), "config": config.key}
+        row["vqa_score"] = statistics.fmean(scores)
+        row["exact_match"] = statistics.fmean(exact)
+        row.update({f"vqa_score_{ds}": statistics.fmean(v) for ds, v in by_ds.items()})
+        row.update({k: statistics.median(v) for k, v in timings.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,311 @@
+"""The synthetic VQA suite the platform trains and evaluates its embedded base VLM on.
+
+Three data sets mirror the seeds of the original study, each drawn with Pillow from templates whose
+answers are exact:
+
+  synth_textvqa   read a two-word sign rendered in a small, medium or large font. Small text is
+                  illegible at the low tier's resolution, so reading it needs a higher tier.
+                  Multi-token answers ("lamp bird").
+  synth_countvqa  how many objects of a shape or a colour; small objects, single-token answers.
+  synth_attrvqa   colour / shape / left-right position of large objects; the low tier suffices.
+
+Every image is 128 x 64 px (2:1), so the tiling grid of each tier is the same for all samples
+(1x1, 1x2, 2x4 tiles at the base VLM's tier caps 1 / 2 / 8) and each tier doubles the resolution
+of the one below.
+
+Samples are generated one by one from a random generator seeded by (seed, dataset, split, index), so
+any prefix of a split is identical on every machine and worker, and `sample_id` is
+"<dataset>:<split>:<index>". Splits use different seed streams and never share an index space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from PIL import Image, ImageDraw, ImageFont
+
+from core.vlm_backend import VQASample
+
+DATASETS: tuple[str, ...] = ("synth_textvqa", "synth_countvqa", "synth_attrvqa")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLIT_SIZES: dict[str, int] = {"train": 8000, "val": 400, "test": 400}
+IMAGE_SIZE: tuple[int, int] = (128, 64)  # (width, height)
+NUM_REFERENCE_ANSWERS = 10  # as in VQA v2; all equal here since the generator knows the truth
+
+TASKS: dict[str, str] = {
+    "synth_textvqa": "text_reading",
+    "synth_countvqa": "counting",
+    "synth_attrvqa": "attributes",
+}
+MAX_NEW_TOKENS: dict[str, int] = {"synth_textvqa": 8, "synth_countvqa": 4, "synth_attrvqa": 4}
+
+# Sign words: short, so that two of them fit in 128 px even in the large font.
+SIGN_WORDS: tuple[str, ...] = (
+    "lamp", "bird", "ship", "moon", "star", "tree", "fish", "door", "book", "road",
+    "rain", "snow", "gold", "bell", "leaf", "rock", "wind", "milk", "cake", "king",
+    "frog", "wolf", "bear", "lion", "hat", "cup", "key", "map", "box", "sun",
+    "sky", "owl", "fox", "car", "bus", "jam", "pen", "ink", "egg", "ice",
+)
+FONT_SIZES_PX: dict[str, int] = {"small": 10, "medium": 14, "large": 20}
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (150, 50, 190),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SHAPE_PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+MAX_COUNT = 6
+
+TEXT_QUESTIONS: tuple[str, ...] = (
+    "what does the sign say ?",
+    "what is written in the image ?",
+    "what words are shown ?",
+    "read the text in the image .",
+)
+
+
+@dataclass(frozen=True)
+class _Canvas:
+    image: Image.Image
+    draw: ImageDraw.ImageDraw
+
+
+def _rng(seed: int, dataset: str, split: str, index: int) -> random.Random:
+    # A cryptographic hash, not hash(): Python salts str hashes per process.
+    digest = hashlib.sha256(f"{seed}|{dataset}|{split}|{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _background(rng: random.Random) -> _Canvas:
+    shade = tuple(rng.randint(200, 245) for _ in range(3))
+    image = Image.new("RGB", IMAGE_SIZE, shade)  # type: ignore[arg-type]
+    return _Canvas(image, ImageDraw.Draw(image))
+
+
+@lru_cache(maxsize=None)
+def _font(size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # Pillow's bundled font: the same glyphs on every machine, no download.
+    return ImageFont.load_default(size=size_px)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        s = r * 0.9
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+Region = tuple[str, tuple[float, float, float, float]]  # (word, (x0, y0, x1, y1) in image pixels)
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """What the generator knows about one image beyond its VQA sample (training-time supervision).
+
+    regions: (word, pixel box) per sign word and (colour, box), (shape, box) per object.
+    qa_pairs: every templated question about the image with its exact answer, the sample's own first.
+    """
+
+    regions: list[Region]
+    qa_pairs: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class _Drawn:
+    image: Image.Image
+    question: str
+    answer: str
+    annotations: Annotations
+
+
+def _textvqa(rng: random.Random) -> _Drawn:
+    canvas = _background(rng)
+    size_name = rng.choice(tuple(FONT_SIZES_PX))
+    font = _font(FONT_SIZES_PX[size_name])
+    width, height = IMAGE_SIZE
+    while True:  # resample until the two words fit with a margin
+        words = rng.sample(SIGN_WORDS, 2)
+        text = " ".join(words).upper()
+        left, top, right, bottom = canvas.draw.textbbox((0, 0), text, font=font)
+        if right - left <= width - 8:
+            break
+    x = rng.randint(4 - left, width - 4 - right)
+    y = rng.randint(4 - top, height - 4 - bottom)
+    # A sign plate behind the text, in a random light colour, so text is not always on the background.
+    plate = tuple(rng.randint(150, 255) for _ in range(3))
+    canvas.draw.rectangle((x + left - 3, y + top - 3, x + right + 3, y + bottom + 3), fill=plate)  # type: ignore[arg-type]
+    ink = tuple(rng.randint(0, 70) for _ in range(3))
+    canvas.draw.text((x, y), text, fill=ink, font=font)  # type: ignore[arg-type]
+    regions: list[Region] = []
+    offset = 0.0
+    for word in words:
+        regions.append((word, canvas.draw.textbbox((x + offset, y), word.upper(), font=font)))
+        offset += canvas.draw.textlength(word.upper() + " ", font=font)
+    question, answer = rng.choice(TEXT_QUESTIONS), " ".join(words)
+    qa = [(question, answer)] + [(q, answer) for q in TEXT_QUESTIONS if q != question]
+    qa += [("what is the first word ?", words[0]), ("what is the second word ?", words[1])]
+    return _Drawn(canvas.image, question, answer, Annotations(regions, qa))
+
+
+def _free_cells(rng: random.Random, cell_px: int, count: int) -> list[tuple[float, float]]:
+    """`count` distinct grid cells (centre coordinates with a small jitter), so objects never overlap."""
+    width, height = IMAGE_SIZE
+    cols, rows = width // cell_px, height // cell_px
+    cells = rng.sample([(c, r) for r in range(rows) for c in range(cols)], count)
+    jitter = cell_px * 0.12
+    return [
+        ((c + 0.5) * cell_px + rng.uniform(-jitter, jitter), (r + 0.5) * cell_px + rng.uniform(-jitter, jitter))
+        for c, r in cells
+    ]
+
+
+def _object_regions(shape: str, color: str, cx: float, cy: float, r: float) -> list[Region]:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    return [(color, box), (shape, box)]
+
+
+def _count_question(word: str) -> str:
+    return f"how many {SHAPE_PLURALS[word]} are there ?" if word in SHAPES else f"how many {word} objects are there ?"
+
+
+def _countvqa(rng: random.Random) -> _Drawn:
+    canvas = _background(rng)
+    count = rng.randint(1, MAX_COUNT)
+    num_distractors = rng.randint(0, 4)
+    by_shape = rng.random() < 0.5
+    if by_shape:
+        target = rng.choice(SHAPES)
+        objects = [(target, rng.choice(tuple(COLORS))) for _ in range(count)]
+        others = [s for s in SHAPES if s != target]
+        objects += [(rng.choice(others), rng.choice(tuple(COLORS))) for _ in range(num_distractors)]
+    else:
+        target = rng.choice(tuple(COLORS))
+        objects = [(rng.choice(SHAPES), target) for _ in range(count)]
+        others = [c for c in COLORS if c != target]
+        objects += [(rng.choice(SHAPES), rng.choice(others)) for _ in range(num_distractors)]
+    rng.shuffle(objects)
+    regions: list[Region] = []
+    for (shape, color), (cx, cy) in zip(objects, _free_cells(rng, 16, len(objects))):
+        r = rng.uniform(4.5, 6.0)
+        _draw_shape(canvas.draw, shape, cx, cy, r, COLORS[color])
+        regions += _object_regions(shape, color, cx, cy, r)
+    question = _count_question(target)
+    qa = [(question, str(count))]
+    for word in (*SHAPES, *COLORS):  # every count the image answers, zeros included
+        n = sum(word in obj for obj in objects)
+        if word != target and n <= 9:  # the tokenizer has single digits
+            qa.append((_count_question(word), str(n)))
+    return _Drawn(canvas.image, question, str(count), Annotations(regions, qa))
+
+
+def _attrvqa(rng: random.Random) -> _Drawn:
+    canvas = _background(rng)
+    width, height = IMAGE_SIZE
+    shapes = rng.sample(SHAPES, 2)
+    colors = rng.sample(tuple(COLORS), 2)
+    sides = ["left", "right"]
+    rng.shuffle(sides)
+    regions: list[Region] = []
+    for shape, color, side in zip(shapes, colors, sides):
+        cx = rng.uniform(18, width / 2 - 18) + (width / 2 if side == "right" else 0)
+        cy = rng.uniform(18, height - 18)
+        r = rng.uniform(11, 15)
+        _draw_shape(canvas.draw, shape, cx, cy, r, COLORS[color])
+        regions += _object_regions(shape, color, cx, cy, r)
+    qa_by_kind = [
+        [(f"what color is the {shapes[i]} ?", colors[i]) for i in range(2)],
+        [(f"what shape is the {colors[i]} object ?", shapes[i]) for i in range(2)],
+        [(f"is the {colors[i]} {shapes[i]} on the left or the right ?", sides[i]) for i in range(2)],
+    ]
+    which = rng.randrange(2)
+    kind = rng.randrange(3)
+    question, answer = qa_by_kind[kind][which]
+    qa = [(question, answer)] + [pair for pairs in qa_by_kind for pair in pairs if pair[0] != question]
+    return _Drawn(canvas.image, question, answer, Annotations(regions, qa))
+
+
+_GENERATORS: dict[str, Callable[[random.Random], _Drawn]] = {
+    "synth_textvqa": _textvqa,
+    "synth_countvqa": _countvqa,
+    "synth_attrvqa": _attrvqa,
+}
+
+
+def make_sample(dataset: str, split: str, index: int, seed: int = 0) -> VQASample:
+    """Sample `index` of `dataset`/`split`; identical for identical arguments on every machine."""
+    _check(dataset, split)
+    if not 0 <= index < SPLIT_SIZES[split]:
+        raise ValueError(f"index {index} outside split {split!r} of size {SPLIT_SIZES[split]}")
+    drawn = _GENERATORS[dataset](_rng(seed, dataset, split, index))
+    return VQASample(
+        sample_id=f"{dataset}:{split}:{index}",
+        dataset=dataset,
+        task=TASKS[dataset],
+        image=drawn.image,
+        question=drawn.question,
+        answers=(drawn.answer,) * NUM_REFERENCE_ANSWERS,
+        max_new_tokens=MAX_NEW_TOKENS[dataset],
+    )
+
+
+def sample_annotations(sample_id: str, seed: int = 0) -> Annotations:
+    """Regions and all question/answer pairs of sample "<dataset>:<split>:<index>" (see Annotations).
+
+    Training uses them (dense targets for the vision tokens, several questions per image, as Molmo
+    trains on several annotations per image); evaluation only ever sees the VQASample.
+    """
+    dataset, split, index = sample_id.split(":")
+    _check(dataset, split)
+    return _GENERATORS[dataset](_rng(seed, dataset, split, int(index))).annotations
+
+
+def _check(dataset: str, split: str) -> None:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown data set {dataset!r} (known: {list(DATASETS)})")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (known: {list(SPLITS)})")
+
+
+def load_split(dataset: str, split: str, num_samples: int | None = None, seed: int = 0) -> list[VQASample]:
+    """The first `num_samples` samples (default: all) of a split, in index order.
+
+    Raises ValueError naming an unknown data set or split, or a `num_samples` beyond the split size.
+    """
+    _check(dataset, split)
+    size = SPLIT_SIZES[split]
+    n = size if num_samples is None else int(num_samples)
+    if not 0 <= n <= size:
+        raise ValueError(f"num_samples={num_samples} outside [0, {size}] for split {split!r} of {dataset!r}")
+    return [make_sample(dataset, split, i, seed) for i in range(n)]
+
+
+VISUAL_WORDS: tuple[str, ...] = tuple(sorted(set(SIGN_WORDS) | set(COLORS) | set(SHAPES)))
+
+
+def suite_vocabulary() -> list[str]:
+    """Every word that can occur in a question or answer of the suite (for word-level tokenizers)."""
+    words: set[str] = set(SIGN_WORDS) | set(COLORS) | set(SHAPES) | set(SHAPE_PLURALS.values())
+    words |= {str(i) for i in range(10)} | {"left", "right", "object", "objects"}
+    templates = list(TEXT_QUESTIONS) + [
+        "how many are there ?",
+        "what color is the ?",
+        "what shape is the object ?",
+        "is the on the left or the right ?",
+        "what is the first word ?",
+        "what is the second word ?",
+    ]
+    for template in templates:
+        words |= set(template.split())
+    return sorted(words)

@@ -1,0 +1,83 @@
+"""Elastic training: loss goes down, records carry the agreed keys, checkpoints resume exactly, and an
+exception from the caller's on_epoch propagates."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.base_vlm import BaseVLM, BaseVLMConfig, space_for
+from core.elastic_training import ElasticTrainConfig, sample_train_config, train_base_vlm
+from core.knobs import TIERS
+from core.vqa_suite import DATASETS
+
+TINY = BaseVLMConfig(
+    crop_px=16, patch_px=8, vision_dim=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,
+    d_model=32, num_blocks=6, num_heads=2, num_experts=8, expert_dim=32, default_top_k=4,
+)
+
+
+def _config(**kw) -> ElasticTrainConfig:
+    base = dict(
+        seed=0, epochs=2, batch_size=8, lr=3e-3, warmup_steps=1, train_samples_per_dataset=8,
+        val_samples_per_dataset=2, num_threads=2, model=TINY,
+    )
+    base.update(kw)
+    return ElasticTrainConfig(**base)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_micro_run_decreases_the_loss_and_reports_every_key():
+    records = []
+    _, history = train_base_vlm(_config(epochs=4), on_epoch=records.append)
+    assert records == history and [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.5
+    keys = {"epoch", "train_loss", "val_vqa_score_full", "val_vqa_score_min"} | {f"val_vqa_score_{d}" for d in DATASETS}
+    for r in history:
+        assert keys <= set(r)
+        assert all(0.0 <= r[k] <= 1.0 for k in keys if k.startswith("val_"))
+
+
+def test_resume_continues_after_the_last_checkpoint_and_matches_an_uninterrupted_run(tmp_path: Path):
+    straight, straight_history = train_base_vlm(_config())
+
+    def stop_after_first(record: dict) -> None:
+        if record["epoch"] == 1:
+            raise _Stop()
+
+    with pytest.raises(_Stop):  # the caller's exception propagates, after the epoch is checkpointed
+        train_base_vlm(_config(), on_epoch=stop_after_first, checkpoint_dir=tmp_path)
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+    seen = []
+    resumed, history = train_base_vlm(_config(), on_epoch=seen.append, checkpoint_dir=tmp_path, resume=True)
+    assert [r["epoch"] for r in seen] == [2] and [r["epoch"] for r in history] == [1, 2]
+    assert history[1]["train_loss"] == pytest.approx(straight_history[1]["train_loss"], rel=1e-5)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert torch.equal(BaseVLM.load_pretrained(tmp_path / "model").decoder.lm_head.weight, resumed.decoder.lm_head.weight)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path):
+    train_base_vlm(_config(epochs=1), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="different training config"):
+        train_base_vlm(_config(epochs=1, lr=1e-3), checkpoint_dir=tmp_path, resume=True)
+
+
+def test_knob_sampling_covers_full_minimal_and_random_subsets():
+    import random
+
+    space = space_for(TINY)
+    rng = random.Random(0)
+    draws = [sample_train_config(rng, space, _config()) for _ in range(400)]
+    configs = [c for c, _ in draws]
+    assert configs.count(space.full()) > 60 and configs.count(space.minimal()) > 15
+    assert {c.tier for c in configs} == set(TIERS)
+    assert {c.top_k for c in configs} == set(space.top_k_options)
+    assert {c.num_active_blocks for c in configs} == set(space.block_options)
+    assert any(order is not None for _, order in draws)
+    for c in configs:
+        space.validate(c)
