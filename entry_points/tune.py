@@ -13,7 +13,7 @@ from tracking.store import study_for
 from tracking.tuning import DEFAULT_STORAGE, load_target, make_study, run_study
 
 # Entry points that expose Params / SEARCH_SPACE / OBJECTIVE / execute.
-TUNABLE_TARGETS = ("train_predictor",)
+TUNABLE_TARGETS = ("train_predictor", "train_estimator")
 
 
 @dataclass

@@ -21,6 +21,9 @@ ENTRY_POINT_MODULES: dict[str, str] = {
     "evaluate_base_model": "entry_points.evaluate_base_model",
     "importance": "entry_points.importance",
     "profile": "entry_points.profile",
+    "train_estimator": "entry_points.train_estimator",
+    "evaluate_estimator": "entry_points.evaluate_estimator",
+    "visualize_estimator": "entry_points.visualize_estimator",
 }
 
 MLPROJECT_PATH = Path(__file__).resolve().parents[1] / "MLproject"

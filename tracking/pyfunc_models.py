@@ -83,3 +83,29 @@ class BaseVLMPyfunc(mlflow.pyfunc.PythonModel):
                 "T_prefill_ms": result.T_prefill_ms, "T_decode_ms": result.T_decode_ms, "T_total_ms": result.T_total_ms,
             })
         return pd.DataFrame(rows)
+
+
+class LatencyEstimatorPyfunc(mlflow.pyfunc.PythonModel):
+    """`models:/latency-estimator@champion`: a dataframe of requests x configs in, latency in ms out.
+
+    Input columns: `tier` (low/medium/high), `top_k`, `num_active_blocks`, `vision_tokens`,
+    `text_tokens`, `crops`; optional `output_tokens` (answer length). Param `output_tokens` is the
+    answer length for rows without one. Output, one row per input row: `T_vision_ms`,
+    `T_prefill_ms`, `T_decode_per_token_ms`, their P90 bounds (`*_p90`) and `T_total_ms` /
+    `T_total_ms_p90` = vision + prefill + (output_tokens - 1) x decode per token.
+    """
+
+    CHECKPOINT_ARTIFACT = "latency_estimator"
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from core.estimator import LatencyEstimator
+
+        self.estimator = LatencyEstimator.load(context.artifacts[self.CHECKPOINT_ARTIFACT])
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        frame = pd.DataFrame(model_input).reset_index(drop=True)
+        default_tokens = (params or {}).get("output_tokens")
+        if default_tokens is not None:
+            given = frame["output_tokens"] if "output_tokens" in frame else pd.Series(float("nan"), index=frame.index)
+            frame["output_tokens"] = given.fillna(int(default_tokens)).astype("int64")
+        return self.estimator.predict_frame(frame).reset_index(drop=True)
