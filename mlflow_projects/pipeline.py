@@ -36,6 +36,8 @@ class Params:
     trace: str = "synthetic"
     num_days: int = 61
     predictor_epochs: int = 150
+    estimator_epochs: int = 10  # a quick demo fit; the full run is -P estimator_epochs=50
+    estimator_results_dir: str = "data/profiles/h100-molmoe-arch"  # the table to train on when no profile step runs
     force_rerun: bool = False  # ignore finished runs and execute every step
 
 
@@ -68,8 +70,9 @@ def steps_for(params: Params) -> list[Step]:
     ]
     if params.base_checkpoint and not (Path(params.base_checkpoint) / "base_vlm_config.json").is_file():
         print(f"pipeline: no base-VLM checkpoint at {params.base_checkpoint}: skipping the base-VLM steps "
-              "(pass -P base_checkpoint='' to train one, ~20 min on 2 cores)")
-        return forecasting
+              "(pass -P base_checkpoint='' to train one, ~20 min on 2 cores); the latency estimator trains on "
+              f"{params.estimator_results_dir}")
+        return [*estimator_steps(params, params.estimator_results_dir, None), *forecasting]
     return [
         Step("base_model", "train_base_model", lambda done: register),
         Step("evaluate_base_model", "evaluate_base_model", lambda done: {
@@ -84,7 +87,27 @@ def steps_for(params: Params) -> list[Step]:
             "num_samples": str(params.profile_samples), "num_runs": str(params.profile_runs),
             "results_dir": params.profile_results_dir,
         }),
+        *estimator_steps(params, params.profile_results_dir, "profile"),
         *forecasting,
+    ]
+
+
+def estimator_steps(params: Params, results_dir: str, profile_step: str | None) -> list[Step]:
+    """train -> evaluate -> visualize -> promote the latency estimator on `results_dir`.
+
+    The profile step's run id travels as `profile_run_id`, so a re-profiled table retrains the estimator.
+    """
+    table = {"results_dir": results_dir}
+    return [
+        Step("train_estimator", "train_estimator", lambda done: {
+            **table, "num_epochs": str(params.estimator_epochs),
+            "profile_run_id": done[profile_step] if profile_step else "",
+        }),
+        Step("evaluate_estimator", "evaluate_estimator", lambda done: {**table, "model": done["train_estimator"]}),
+        Step("visualize_estimator", "visualize_estimator", lambda done: {**table, "model": done["train_estimator"]}),
+        Step("promote_estimator", "promote", lambda done: {
+            "model_name": "latency-estimator", "metric": "test_mape_mean", "mode": "min",
+        }, reusable=False),
     ]
 
 
@@ -146,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pipeline run {pipeline_run.info.run_id} (git {commit}):")
     for o in outcomes:
         print(f"  {o.name:<22} run {o.run_id}  {'reused' if o.reused else 'executed'}")
-    for name in ("base-vlm", "workload-predictor"):
+    for name in ("base-vlm", "latency-estimator", "workload-predictor"):
         try:
             mv = MlflowClient().get_model_version_by_alias(name, "champion")
             print(f"  registered model {name}: champion = version {mv.version} (models:/{name}@champion)")
