@@ -39,6 +39,11 @@ benchmarks: setup
 	$(PY) benchmarks/bench_dlinear_epoch.py
 	$(PY) benchmarks/bench_mlflow_overhead.py
 
+# Team tracking server: mlflow server on PostgreSQL (initialised under .mlflow-server/ on first use),
+# artifacts served from .mlflow-server/artifacts, on 127.0.0.1:5000. Ctrl-C stops it and PostgreSQL.
+server: setup
+	scripts/mlflow_server.sh
+
 mlproject: setup
 	$(PY) -m mlflow_projects.mlproject_spec
 

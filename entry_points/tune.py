@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 
 import mlflow
 
-from tracking.cli import exit_on_input_error, parse_params, params_as_dict
+from tracking.cli import exit_on_input_error, params_as_dict, parse_bool, parse_params
 from tracking.run_context import entry_point_run
 from tracking.store import study_for
-from tracking.tuning import DEFAULT_STORAGE, load_target, make_study, run_study
+from tracking.tuning import DEFAULT_STORAGE, TuneError, load_target, make_study, run_study
 
 # Entry points that expose Params / SEARCH_SPACE / OBJECTIVE / execute.
 TUNABLE_TARGETS = ("train_predictor", "train_estimator")
@@ -29,6 +31,28 @@ class Params:
     pruner: str = "median"
     seed: int = 0
     num_epochs: int = 0  # 0 = the target's default epochs per trial
+    target_params: str = ""  # fixed for every trial, ';'-separated: "results_dir=data/x;dataset_names=a,b"
+
+
+def fixed_target_params(text: str, params_cls: type) -> dict[str, object]:
+    """`key=value;key=value` -> {key: value typed as the target's Params field}; TuneError naming a bad key."""
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    out: dict[str, object] = {}
+    for item in (part.strip() for part in text.split(";")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise TuneError(f"target_params: {item!r} is not key=value with a parameter of the target "
+                            f"(choose from: {', '.join(fields)})")
+        kind = fields[key].type if isinstance(fields[key].type, type) else {"int": int, "float": float, "bool": bool}.get(
+            str(fields[key].type), str)
+        try:
+            out[key] = parse_bool(value) if kind is bool else kind(value.strip())
+        except (ValueError, argparse.ArgumentTypeError):
+            raise TuneError(f"target_params: {key}={value!r} is not a valid {kind.__name__}") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"n_trials must be > 0, got {params.n_trials}")
     module = load_target(params.target, TUNABLE_TARGETS)  # fails before any run is opened
     study_name = params.study_name or f"tune-{params.target}"
+    fixed: dict[str, object] = {**fixed_target_params(params.target_params, module.Params), "register": False}
     study = make_study(study_name, params.storage, module.OBJECTIVE.direction, params.sampler, params.pruner, params.seed)
-    fixed = {"register": False}
     if params.num_epochs > 0:
         fixed["num_epochs"] = params.num_epochs
     with entry_point_run(

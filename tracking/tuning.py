@@ -13,15 +13,19 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import random
+import time
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
 import mlflow
 import optuna
+import sqlalchemy.exc
 from optuna_integration.mlflow import MLflowCallback
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+_CREATE_ATTEMPTS = 5
 
 
 class TuneError(ValueError):
@@ -100,15 +104,24 @@ def make_study(
         raise TuneError(f"sampler={sampler!r} is unknown (choose from: {', '.join(SAMPLERS)})")
     if pruner not in PRUNERS:
         raise TuneError(f"pruner={pruner!r} is unknown (choose from: {', '.join(PRUNERS)})")
-    # load_if_exists: several workers (processes, machines) join one study on a shared RDB storage
-    return optuna.create_study(
-        study_name=study_name,
-        storage=storage or DEFAULT_STORAGE,
-        direction=direction,
-        sampler=SAMPLERS[sampler](seed),
-        pruner=PRUNERS[pruner](),
-        load_if_exists=True,
-    )
+    # load_if_exists: several workers (processes, machines) join one study on a shared RDB storage.
+    # Workers started together on a fresh database race to create Optuna's schema; the loser's DDL
+    # fails (PostgreSQL: duplicate type/table) and rolls back, and a retry finds the schema in place.
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            return optuna.create_study(
+                study_name=study_name,
+                storage=storage or DEFAULT_STORAGE,
+                direction=direction,
+                sampler=SAMPLERS[sampler](seed),
+                pruner=PRUNERS[pruner](),
+                load_if_exists=True,
+            )
+        except sqlalchemy.exc.DBAPIError:
+            if attempt == _CREATE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+    raise AssertionError("unreachable")
 
 
 def run_study(
