@@ -42,7 +42,7 @@ def subprocess_env(tracking_store: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def synthetic_profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small ProfileStore results directory (read-only for tests): two data sets of 3 samples x 75
+    """A small ProfileStore results directory (read-only for tests): two data sets of 5 samples x 75
     MolmoE configs x 2 runs each, latencies from tests/test_estimator.py's known law with 1% noise."""
     from core.profile_store import ProfileStore
     from tests.test_estimator import synthetic_profile
@@ -50,5 +50,5 @@ def synthetic_profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     results_dir = tmp_path_factory.mktemp("profiles") / "synthetic"
     store = ProfileStore(results_dir)
     for seed, dataset in enumerate(("synthetic_a", "synthetic_b")):
-        store.append(synthetic_profile(num_samples=3, num_runs=2, seed=seed, dataset=dataset))
+        store.append(synthetic_profile(num_samples=5, num_runs=2, seed=seed, dataset=dataset))
     return results_dir
