@@ -13,12 +13,19 @@ from tracking.run_context import entry_point_run
 from tracking.store import configure_tracking
 
 
+# The held-out figure each registered model is compared by, when -P metric is not given.
+DEFAULT_METRICS = {
+    "workload-predictor": "test_mae_mean",
+    "latency-estimator": "test_mape_mean",  # mean MAPE of vision, prefill, decode per token on held-out samples
+}
+
+
 @dataclass
 class Params:
     """Compare registered versions by a held-out metric and alias the best."""
 
     model_name: str = "workload-predictor"
-    metric: str = "test_mae_mean"
+    metric: str = ""  # empty: the model's held-out metric from DEFAULT_METRICS
     mode: str = "min"  # min | max
     alias: str = "champion"
     version: str = ""  # empty: the best version; else promote this one
@@ -29,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     params = parse_params(Params, argv, prog="promote")
     if params.mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {params.mode!r}")
+    if not params.metric:
+        if params.model_name not in DEFAULT_METRICS:
+            raise ValueError(f"metric: no default for model {params.model_name!r}; pass -P metric=<held-out metric>")
+        params.metric = DEFAULT_METRICS[params.model_name]
     configure_tracking()
     require_model(params.model_name)  # before a run is opened: nothing to clean up on a typo
     with entry_point_run("promote", params_as_dict(params), run_name=f"promote-{params.model_name}") as run:

@@ -112,7 +112,7 @@ def test_train_evaluate_visualize_promote_and_load_the_champion(tracking_store, 
             "plots/pred_vs_true_heldout_config.png", "plots/training_curves.png", "summary.json"} <= _artifacts(figures.info.run_id)
 
     # promote by held-out MAPE, then the champion loads and predicts.
-    _ok(promote_ep.main, ["--model_name", "latency-estimator", "--metric", "test_mape_mean", "--mode", "min"])
+    _ok(promote_ep.main, ["--model_name", "latency-estimator"])  # by test_mape_mean, lower is better
     champion = mlflow.pyfunc.load_model("models:/latency-estimator@champion")
     np.testing.assert_allclose(champion.predict(configs)["T_total_ms"], out["T_total_ms"])
 
