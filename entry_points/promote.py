@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     params = parse_params(Params, argv, prog="promote")
     if params.mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {params.mode!r}")
+    configure_tracking()
+    require_model(params.model_name)  # before a run is opened: nothing to clean up on a typo
     if not params.metric:
         if params.model_name not in DEFAULT_METRICS:
             raise ValueError(f"metric: no default for model {params.model_name!r}; pass -P metric=<held-out metric>")
         params.metric = DEFAULT_METRICS[params.model_name]
-    configure_tracking()
-    require_model(params.model_name)  # before a run is opened: nothing to clean up on a typo
     with entry_point_run("promote", params_as_dict(params), run_name=f"promote-{params.model_name}") as run:
         result = promote(
             params.model_name, params.metric, params.mode, params.alias, params.version or None, params.force
