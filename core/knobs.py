@@ -211,7 +211,7 @@ BASE_VLM_SPACE = register_space(
         block_options=(4, 5, 6, 7, 8),
         num_blocks=8,
         num_experts=8,
-        tokens_per_crop=16,
+        tokens_per_crop=4,
         default_top_k=4,
     )
 )

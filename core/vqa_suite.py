@@ -3,11 +3,12 @@
 Three data sets mirror the seeds of the original study, each drawn with Pillow from templates whose
 answers are exact:
 
-  synth_textvqa   read a two-word sign rendered in a small, medium or large font. Small text is
-                  illegible at the low tier's resolution, so reading it needs a higher tier.
-                  Multi-token answers ("lamp bird").
+  synth_textvqa   read a two-word sign (three-letter words, 10 / 11 / 12 px fonts). At the low tier's
+                  quarter resolution the text is illegible, at the medium tier's half resolution
+                  partly legible, at the high tier read at full resolution. Multi-token answers
+                  ("key cup").
   synth_countvqa  how many objects of a shape or a colour; small objects, single-token answers.
-  synth_attrvqa   colour / shape / left-right position of large objects; the low tier suffices.
+  synth_attrvqa   colour / shape / left-right position of one large object; the low tier suffices.
 
 Every image is 128 x 64 px (2:1), so the tiling grid of each tier is the same for all samples
 (1x1, 1x2, 2x4 tiles at the base VLM's tier caps 1 / 2 / 8) and each tier doubles the resolution
@@ -44,13 +45,17 @@ TASKS: dict[str, str] = {
 MAX_NEW_TOKENS: dict[str, int] = {"synth_textvqa": 8, "synth_countvqa": 4, "synth_attrvqa": 4}
 
 # Sign words: short, so that two of them fit in 128 px even in the large font.
+# Three-letter sign words: in every font size a word fits inside one 32-px column of the high tier's
+# 2x4 tiling (words are placed in distinct columns), so each is read from one tile.
 SIGN_WORDS: tuple[str, ...] = (
-    "lamp", "bird", "ship", "moon", "star", "tree", "fish", "door", "book", "road",
-    "rain", "snow", "gold", "bell", "leaf", "rock", "wind", "milk", "cake", "king",
-    "frog", "wolf", "bear", "lion", "hat", "cup", "key", "map", "box", "sun",
-    "sky", "owl", "fox", "car", "bus", "jam", "pen", "ink", "egg", "ice",
+    "cat", "dog", "sun", "box", "cup", "hat", "key", "pen", "ink", "egg", "ice", "jam",
+    "bus", "car", "sky", "bee", "ant", "pig", "hen", "bat", "fig", "tea", "oak", "jar",
 )
-FONT_SIZES_PX: dict[str, int] = {"small": 10, "medium": 14, "large": 20}
+FONT_SIZES_PX: dict[str, int] = {"small": 10, "medium": 11, "large": 12}
+TEXT_COLUMNS = 4  # columns of the high tier's tiling of a 128-px-wide image
+# The sign sits at a fixed place (top half, middle columns; jittered within each column) so that the
+# task measures reading, not search: each word is read from one high-tier tile.
+SIGN_COLUMNS = (1, 2)
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -61,7 +66,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SHAPE_PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-MAX_COUNT = 6
+MAX_COUNT = 4
 
 TEXT_QUESTIONS: tuple[str, ...] = (
     "what does the sign say ?",
@@ -135,24 +140,25 @@ def _textvqa(rng: random.Random) -> _Drawn:
     size_name = rng.choice(tuple(FONT_SIZES_PX))
     font = _font(FONT_SIZES_PX[size_name])
     width, height = IMAGE_SIZE
-    while True:  # resample until the two words fit with a margin
-        words = rng.sample(SIGN_WORDS, 2)
-        text = " ".join(words).upper()
-        left, top, right, bottom = canvas.draw.textbbox((0, 0), text, font=font)
-        if right - left <= width - 8:
-            break
-    x = rng.randint(4 - left, width - 4 - right)
-    y = rng.randint(4 - top, height - 4 - bottom)
-    # A sign plate behind the text, in a random light colour, so text is not always on the background.
+    col_w = width // TEXT_COLUMNS
+    words = rng.sample(SIGN_WORDS, 2)
+    columns = list(SIGN_COLUMNS)
+    boxes = [canvas.draw.textbbox((0, 0), w.upper(), font=font) for w in words]
+    text_h = max(b[3] for b in boxes) - min(b[1] for b in boxes)
+    row_h = height // 2  # and inside one of the tiling's two rows
+    row = 0  # the sign hangs in the top half
+    y = rng.randint(row * row_h + 3, (row + 1) * row_h - 3 - text_h) - min(b[1] for b in boxes)
+    xs = [rng.randint(c * col_w + 2 - b[0], (c + 1) * col_w - 2 - b[2]) for c, b in zip(columns, boxes)]
+    placed = [(x + b[0], y + b[1], x + b[2], y + b[3]) for x, b in zip(xs, boxes)]
+    # One sign plate behind both words, in a random light colour.
     plate = tuple(rng.randint(150, 255) for _ in range(3))
-    canvas.draw.rectangle((x + left - 3, y + top - 3, x + right + 3, y + bottom + 3), fill=plate)  # type: ignore[arg-type]
+    top = min(p[1] for p in placed) - 2
+    bottom = max(p[3] for p in placed) + 2
+    canvas.draw.rectangle((placed[0][0] - 2, top, placed[1][2] + 2, bottom), fill=plate)  # type: ignore[arg-type]
     ink = tuple(rng.randint(0, 70) for _ in range(3))
-    canvas.draw.text((x, y), text, fill=ink, font=font)  # type: ignore[arg-type]
-    regions: list[Region] = []
-    offset = 0.0
-    for word in words:
-        regions.append((word, canvas.draw.textbbox((x + offset, y), word.upper(), font=font)))
-        offset += canvas.draw.textlength(word.upper() + " ", font=font)
+    for word, x in zip(words, xs):
+        canvas.draw.text((x, y), word.upper(), fill=ink, font=font)  # type: ignore[arg-type]
+    regions: list[Region] = [(w, p) for w, p in zip(words, placed)]
     question, answer = rng.choice(TEXT_QUESTIONS), " ".join(words)
     qa = [(question, answer)] + [(q, answer) for q in TEXT_QUESTIONS if q != question]
     qa += [("what is the first word ?", words[0]), ("what is the second word ?", words[1])]
@@ -183,7 +189,7 @@ def _count_question(word: str) -> str:
 def _countvqa(rng: random.Random) -> _Drawn:
     canvas = _background(rng)
     count = rng.randint(1, MAX_COUNT)
-    num_distractors = rng.randint(0, 4)
+    num_distractors = rng.randint(0, 3)
     by_shape = rng.random() < 0.5
     if by_shape:
         target = rng.choice(SHAPES)
@@ -213,27 +219,18 @@ def _countvqa(rng: random.Random) -> _Drawn:
 def _attrvqa(rng: random.Random) -> _Drawn:
     canvas = _background(rng)
     width, height = IMAGE_SIZE
-    shapes = rng.sample(SHAPES, 2)
-    colors = rng.sample(tuple(COLORS), 2)
-    sides = ["left", "right"]
-    rng.shuffle(sides)
-    regions: list[Region] = []
-    for shape, color, side in zip(shapes, colors, sides):
-        cx = rng.uniform(18, width / 2 - 18) + (width / 2 if side == "right" else 0)
-        cy = rng.uniform(18, height - 18)
-        r = rng.uniform(11, 15)
-        _draw_shape(canvas.draw, shape, cx, cy, r, COLORS[color])
-        regions += _object_regions(shape, color, cx, cy, r)
-    qa_by_kind = [
-        [(f"what color is the {shapes[i]} ?", colors[i]) for i in range(2)],
-        [(f"what shape is the {colors[i]} object ?", shapes[i]) for i in range(2)],
-        [(f"is the {colors[i]} {shapes[i]} on the left or the right ?", sides[i]) for i in range(2)],
+    shape, color, side = rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.choice(("left", "right"))
+    cx = rng.uniform(18, width / 2 - 18) + (width / 2 if side == "right" else 0)
+    cy = rng.uniform(18, height - 18)
+    r = rng.uniform(11, 15)
+    _draw_shape(canvas.draw, shape, cx, cy, r, COLORS[color])
+    pairs = [
+        ("what color is the object ?", color),
+        ("what shape is the object ?", shape),
+        ("is the object on the left or the right ?", side),
     ]
-    which = rng.randrange(2)
-    kind = rng.randrange(3)
-    question, answer = qa_by_kind[kind][which]
-    qa = [(question, answer)] + [pair for pairs in qa_by_kind for pair in pairs if pair[0] != question]
-    return _Drawn(canvas.image, question, answer, Annotations(regions, qa))
+    own = pairs.pop(rng.randrange(3))
+    return _Drawn(canvas.image, own[0], own[1], Annotations(_object_regions(shape, color, cx, cy, r), [own, *pairs]))
 
 
 _GENERATORS: dict[str, Callable[[random.Random], _Drawn]] = {
@@ -300,9 +297,9 @@ def suite_vocabulary() -> list[str]:
     words |= {str(i) for i in range(10)} | {"left", "right", "object", "objects"}
     templates = list(TEXT_QUESTIONS) + [
         "how many are there ?",
-        "what color is the ?",
+        "what color is the object ?",
         "what shape is the object ?",
-        "is the on the left or the right ?",
+        "is the object on the left or the right ?",
         "what is the first word ?",
         "what is the second word ?",
     ]

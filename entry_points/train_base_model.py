@@ -18,6 +18,7 @@ import torch
 
 from core.base_vlm import BaseVLM, BaseVLMBackend
 from core.elastic_training import ElasticTrainConfig, evaluate_val, train_base_vlm
+from core.knobs import TIERS
 from core.vqa_suite import DATASETS, load_split
 from tracking.artifacts import log_dataset_input, log_json
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
@@ -37,13 +38,16 @@ class Params:
     """Train (or register) the base VLM."""
 
     seed: int = 0
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 32
-    lr: float = 2e-3
-    train_samples_per_dataset: int = 4000
+    lr: float = 1e-3
+    train_samples_per_dataset: int = 8000
     val_samples_per_dataset: int = 100
     p_full: float = 0.3
     p_min: float = 0.1
+    reader_word_steps: int = 400  # stage 1a: region reader on the sign words alone
+    reader_steps: int = 1600  # stage 1b: region reader on every data set
+    reader_weight: float = 1.0  # stage 2: reader loss beside the answer loss
     device: str = "cpu"
     num_threads: int = 2
     checkpoint_dir: str = "outputs/base_vlm_training"  # per-epoch checkpoints; a rerun resumes from here
@@ -53,8 +57,11 @@ class Params:
     model_name: str = MODEL_NAME
 
 
-TRAINING_COLUMNS = ("train_loss", "train_ce", "train_aux", "lr", "samples_per_s", "epoch_time_s")
-VALIDATION_COLUMNS = ("val_vqa_score_full", "val_vqa_score_min", *(f"val_vqa_score_{d}" for d in DATASETS))
+TRAINING_COLUMNS = ("train_loss", "train_ce", "train_aux", "train_reader", "lr", "samples_per_s", "epoch_time_s")
+VALIDATION_COLUMNS = (
+    "val_vqa_score_full", "val_vqa_score_min", *(f"val_vqa_score_{d}" for d in DATASETS),
+    *(f"val_reader_{g}_{t}" for g in ("word", "color", "shape") for t in TIERS),
+)
 
 
 def _split_frame(split: str, n: int, seed: int) -> pd.DataFrame:
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=params.seed, epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
             train_samples_per_dataset=params.train_samples_per_dataset,
             val_samples_per_dataset=params.val_samples_per_dataset, p_full=params.p_full, p_min=params.p_min,
-            num_threads=params.num_threads, device=params.device,
+            reader_word_steps=params.reader_word_steps, reader_steps=params.reader_steps,
+            reader_weight=params.reader_weight, num_threads=params.num_threads, device=params.device,
         )
         if params.from_checkpoint:
             model = BaseVLM.load_pretrained(params.from_checkpoint, params.device)

@@ -27,7 +27,7 @@ def test_each_tier_tiles_a_suite_image_into_more_crops():
     crops = [select_grid(*IMAGE_SIZE, BASE_VLM_SPACE.max_crops(t)) for t in TIERS]
     counts = [r * c for r, c in crops]
     assert counts == sorted(set(counts)), crops
-    assert [BASE_VLM_SPACE.vision_tokens(n) for n in counts] == [32, 48, 144]
+    assert [BASE_VLM_SPACE.vision_tokens(n) for n in counts] == [8, 12, 36]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,93 @@
+"""Train the base VLM on a machine without MLflow (a lent GPU), for `train_base_model -P from_checkpoint=`.
+
+The same `core.elastic_training.train_base_vlm` that the `train_base_model` entry point runs, with
+the entry point's recipe defaults; this script only adds what a bare accelerator machine needs: no
+tracking store, a wall-clock deadline checked between epochs (the checkpoint directory then resumes
+with the same command), and the outputs the entry point's `from_checkpoint` registers:
+
+  <output-dir>/             the checkpoint (`BaseVLM.save_pretrained`)
+  <output-dir>/history.json per-epoch records (logged as per-epoch metrics on registration)
+  <output-dir>/training_config.json  the full ElasticTrainConfig
+
+  python3 scripts/train_base_vlm_device.py --device cuda --output-dir $OUT/base_vlm --set epochs=12
+  python3 scripts/train_base_vlm_device.py --set epochs=1 --set train_samples_per_dataset=64  # CPU smoke test
+
+No MLflow: core only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from core.elastic_training import ElasticTrainConfig, train_base_vlm  # noqa: E402
+
+
+class DeadlineReached(Exception):
+    """Raised after an epoch's checkpoint once the wall-clock budget is spent."""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--checkpoint-dir", default="outputs/base_vlm_training")
+    p.add_argument("--output-dir", default="outputs/base_vlm")
+    p.add_argument("--deadline-s", type=float, default=None, help="stop after the epoch that passes this many seconds")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an ElasticTrainConfig field (JSON value), e.g. --set epochs=12 --set reader_steps=2000")
+    return p.parse_args()
+
+
+def build_config(assignments: list[str], device: str) -> ElasticTrainConfig:
+    """ElasticTrainConfig from `field=json` assignments; an unknown field or bad value names itself."""
+    fields = {f.name for f in dataclasses.fields(ElasticTrainConfig)} - {"model"}
+    values: dict[str, object] = {"device": device}
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        values[name] = tuple(value) if isinstance(value, list) else value
+    return ElasticTrainConfig(**values)
+
+
+def main() -> int:
+    args = parse_args()
+    config = build_config(args.set, args.device)
+    start = time.perf_counter()
+
+    def report(record: dict) -> None:
+        keys = ("train_loss", "train_ce", "train_reader", "val_vqa_score_full", "val_vqa_score_min",
+                "val_vqa_score_synth_textvqa", "val_vqa_score_synth_countvqa", "val_vqa_score_synth_attrvqa",
+                "val_reader_word_high", "val_reader_shape_high", "epoch_time_s")
+        print(f"epoch {record['epoch']}: " + " ".join(f"{k}={record[k]:.3f}" for k in keys if k in record)
+              + f" wall={time.perf_counter() - start:.0f}s", flush=True)
+        if args.deadline_s is not None and time.perf_counter() - start > args.deadline_s and record["epoch"] < config.epochs:
+            raise DeadlineReached
+
+    try:
+        model, history = train_base_vlm(config, on_epoch=report, checkpoint_dir=Path(args.checkpoint_dir), resume=True)
+    except DeadlineReached:
+        print(f"deadline reached: rerun the same command to resume from {args.checkpoint_dir}")
+        return 3
+    out = Path(args.output_dir)
+    model.save_pretrained(out)
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    (out / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    print(f"trained in {time.perf_counter() - start:.0f}s; final {history[-1] if history else {}}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
