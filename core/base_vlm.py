@@ -78,6 +78,11 @@ class BaseVLMConfig:
     conv_stem_channels: tuple[int, ...] = (32, 64)
     # ViT's final LayerNorm slowed that probe's early learning; the decoder normalises its inputs anyway.
     vision_final_norm: bool = False
+    # Where a token looks must survive into the decoder's values (left/right questions): the projected
+    # tokens are layer-normalised and get a crop-layout and a within-crop cell embedding of comparable
+    # scale. With unnormalised features and a small crop embedding, left/right stayed at chance.
+    vision_token_norm: bool = True
+    position_init_std: float = 0.5
     tier_max_crops: dict[str, int] = field(default_factory=lambda: dict(BASE_VLM_SPACE.tier_max_crops))
 
     @property
@@ -229,9 +234,12 @@ class BaseVLM(nn.Module):
             nn.GELU(),
             nn.Linear(config.d_model, config.d_model),
         )
+        self.token_norm = nn.LayerNorm(config.d_model) if config.vision_token_norm else nn.Identity()
         self._slots = _layout_slots(config.max_tiles)
         self.layout_embed = nn.Embedding(1 + sum(r * c for r, c in self._slots), config.d_model)
-        nn.init.normal_(self.layout_embed.weight, std=0.02)
+        self.cell_embed = nn.Embedding(config.tokens_per_crop, config.d_model)
+        nn.init.normal_(self.layout_embed.weight, std=config.position_init_std)
+        nn.init.normal_(self.cell_embed.weight, std=config.position_init_std)
         self.decoder = OlmoeForCausalLM(
             OlmoeConfig(
                 vocab_size=config.vocab_size,
@@ -279,9 +287,10 @@ class BaseVLM(nn.Module):
         p = cfg.pool
         # Concatenate each p x p neighbourhood of patches into one token (Molmo pools 2x2 patches).
         feats = feats.reshape(b * n, side // p, p, side // p, p, cfg.vision_dim).permute(0, 1, 3, 2, 4, 5)
-        tokens = self.projector(feats.reshape(b * n, cfg.tokens_per_crop, p * p * cfg.vision_dim))
+        tokens = self.token_norm(self.projector(feats.reshape(b * n, cfg.tokens_per_crop, p * p * cfg.vision_dim)))
         layout = self.layout_embed(self.layout_ids(grid).to(crops.device))  # (n, d)
-        tokens = tokens.reshape(b, n, cfg.tokens_per_crop, cfg.d_model) + layout[None, :, None, :]
+        cells = self.cell_embed.weight  # (tokens_per_crop, d), row-major within the crop
+        tokens = tokens.reshape(b, n, cfg.tokens_per_crop, cfg.d_model) + layout[None, :, None, :] + cells[None, None]
         return tokens.reshape(b, n * cfg.tokens_per_crop, cfg.d_model)
 
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:

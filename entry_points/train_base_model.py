@@ -7,6 +7,7 @@ With `-P from_checkpoint=DIR` it trains nothing: it scores and registers an exis
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class Params:
     """Train (or register) the base VLM."""
 
     seed: int = 0
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-3
     train_samples_per_dataset: int = 8000
@@ -48,6 +49,7 @@ class Params:
     reader_word_steps: int = 400  # stage 1a: region reader on the sign words alone
     reader_steps: int = 1600  # stage 1b: region reader on every data set
     reader_weight: float = 1.0  # stage 2: reader loss beside the answer loss
+    qa_pairs_per_image: int = 8  # questions about one image per training sequence (all a count image has)
     device: str = "cpu"
     num_threads: int = 2
     checkpoint_dir: str = "outputs/base_vlm_training"  # per-epoch checkpoints; a rerun resumes from here
@@ -68,6 +70,21 @@ def _split_frame(split: str, n: int, seed: int) -> pd.DataFrame:
     rows = [{"sample_id": s.sample_id, "dataset": s.dataset, "question": s.question, "answers": "|".join(s.answers)}
             for d in DATASETS for s in load_split(d, split, n, seed)]
     return pd.DataFrame(rows)
+
+
+def log_recorded_training(directory: Path) -> None:
+    """Per-epoch metrics and config of the run that trained a checkpoint elsewhere (a GPU machine
+    without MLflow, `scripts/train_base_vlm_device.py`), from the history.json and
+    training_config.json saved beside it."""
+    history_file, config_file = directory / "history.json", directory / "training_config.json"
+    if history_file.is_file():
+        logger = EpochLogger(TRAINING_COLUMNS, VALIDATION_COLUMNS, flush_every=1_000)
+        for record in json.loads(history_file.read_text()):
+            logger.log(record["epoch"], {k: v for k, v in record.items() if k != "epoch"})
+        logger.close()
+        mlflow.set_tag("training_history", "recorded with the checkpoint")
+    if config_file.is_file():
+        log_json(json.loads(config_file.read_text()), "training_config.json")
 
 
 def validate(params: Params) -> None:
@@ -96,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             train_samples_per_dataset=params.train_samples_per_dataset,
             val_samples_per_dataset=params.val_samples_per_dataset, p_full=params.p_full, p_min=params.p_min,
             reader_word_steps=params.reader_word_steps, reader_steps=params.reader_steps,
-            reader_weight=params.reader_weight, num_threads=params.num_threads, device=params.device,
+            reader_weight=params.reader_weight, qa_pairs_per_image=params.qa_pairs_per_image,
+            num_threads=params.num_threads, device=params.device,
         )
         if params.from_checkpoint:
             model = BaseVLM.load_pretrained(params.from_checkpoint, params.device)
@@ -105,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             full, minimal = evaluate_val(model, val, space.full(), space), evaluate_val(model, val, space.minimal(), space)
             final = {"val_vqa_score_full": full["mean"], "val_vqa_score_min": minimal["mean"],
                      **{f"val_vqa_score_{d}": full[d] for d in DATASETS}}
+            log_recorded_training(Path(params.from_checkpoint))
             mlflow.log_metrics(final)
             mlflow.set_tag("checkpoint_source", str(Path(params.from_checkpoint).resolve()))
         else:
@@ -128,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         model.save_pretrained(staging)
         if params.output_dir:
             shutil.copytree(staging, params.output_dir, dirs_exist_ok=True)
+            if not params.from_checkpoint:  # what `from_checkpoint` logs when this copy is registered elsewhere
+                Path(params.output_dir, "history.json").write_text(json.dumps(history, indent=2))
+                Path(params.output_dir, "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
         backend = BaseVLMBackend(model)
         example = load_split(DATASETS[0], "test", 1, params.seed)[0]
         input_example = pd.DataFrame([{"image": encode_image(example.image), "question": example.question,

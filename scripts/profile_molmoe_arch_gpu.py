@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -60,7 +61,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 64])
     p.add_argument("--output-tokens", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--image-size", default="640x480", help="WxH of the probe images")
+    p.add_argument("--image-size", nargs="+", default=["640x480"],
+                   help="WxH of the probe images (several: samples cycle over prompt length x image size)")
+    p.add_argument("--pin-cpu", type=int, default=None,
+                   help="pin the process to this CPU core and use one torch thread: the launch-bound decode "
+                        "then waits less on the host scheduler")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--num-shards", type=int, default=1, help="profile only shard 0 of this many (smoke tests)")
@@ -87,7 +92,10 @@ def main() -> None:
     args = parse_args()
     t0 = time.perf_counter()
     deadline = t0 + args.deadline_s
-    width, height = (int(x) for x in args.image_size.lower().split("x"))
+    sizes = [tuple(int(x) for x in size.lower().split("x")) for size in args.image_size]
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})
+        torch.set_num_threads(1)
     import transformers
 
     print(f"python {platform.python_version()} torch {torch.__version__} transformers {transformers.__version__}", flush=True)
@@ -102,7 +110,7 @@ def main() -> None:
     store = ProfileStore(args.store)
     samples_by_ds = {
         f"latency_probe_out{n}": synthetic_latency_samples(
-            args.prompt_lengths, [(width, height)], n=len(args.prompt_lengths), max_new_tokens=n,
+            args.prompt_lengths, sizes, n=len(args.prompt_lengths) * len(sizes), max_new_tokens=n,
             seed=args.seed, dataset=f"latency_probe_out{n}",
         )
         for n in args.output_tokens
@@ -125,7 +133,7 @@ def main() -> None:
     for n in args.output_tokens:
         ds = f"latency_probe_out{n}"
         config = ProfileSweepConfig(
-            backend="molmoe_arch", dataset_names=(ds,), num_samples=len(args.prompt_lengths), num_runs=args.runs,
+            backend="molmoe_arch", dataset_names=(ds,), num_samples=len(samples_by_ds[ds]), num_runs=args.runs,
             shard=0, num_shards=args.num_shards, seed=args.seed, warmup=args.warmup, flush_every=args.flush_every,
             force_output_tokens=n,
         )
@@ -146,6 +154,7 @@ def main() -> None:
     )
     result = {
         "command": " ".join(sys.argv),
+        "pin_cpu": args.pin_cpu,
         "device": device_name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
