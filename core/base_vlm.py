@@ -43,6 +43,9 @@ from core.word_tokenizer import ANSWER, build_word_tokenizer, load_word_tokenize
 
 CONFIG_FILE = "base_vlm_config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The measured block drop order ({"drop_order": [...]}, as the importance experiment writes it), when
+# a checkpoint carries one: every backend loaded from that directory then drops blocks in that order.
+DROP_ORDER_FILE = "drop_order.json"
 
 
 @dataclass
@@ -575,8 +578,14 @@ class BaseVLMBackend:
 
     @classmethod
     def from_pretrained(cls, directory: Path | str, device: torch.device | str = "cpu") -> "BaseVLMBackend":
-        """Load a checkpoint directory written by `BaseVLM.save_pretrained`."""
-        return cls(BaseVLM.load_pretrained(directory, device))
+        """Load a checkpoint directory written by `BaseVLM.save_pretrained`, with its measured drop
+        order when the directory has a `drop_order.json` (else the default order)."""
+        backend = cls(BaseVLM.load_pretrained(directory, device))
+        order_file = Path(directory) / DROP_ORDER_FILE
+        if order_file.is_file():
+            data = json.loads(order_file.read_text())
+            backend.set_drop_order(data["drop_order"] if isinstance(data, dict) else data)
+        return backend
 
     def set_drop_order(self, drop_order: Sequence[int]) -> None:
         """Middle blocks in ascending importance (dropped first to last)."""

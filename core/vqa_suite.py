@@ -3,10 +3,11 @@
 Three data sets mirror the seeds of the original study, each drawn with Pillow from templates whose
 answers are exact:
 
-  synth_textvqa   read a two-word sign (three-letter words, 10 / 11 / 12 px fonts). At the low tier's
-                  quarter resolution the text is illegible, at the medium tier's half resolution
-                  partly legible, at the high tier read at full resolution. Multi-token answers
-                  ("key cup").
+  synth_textvqa   read a two-word sign (three-letter words, 8 / 10 / 12 px fonts). The low tier
+                  sees the text at a quarter of its width: the small font is mostly illegible there
+                  and the larger ones only partly (a model trained on 10-12 px fonts still read 70%
+                  of them at the low tier); the medium tier's half resolution reads most, the high
+                  tier reads all at full resolution. Multi-token answers ("key cup").
   synth_countvqa  how many objects of a shape or a colour; small objects, single-token answers.
   synth_attrvqa   colour / shape / left-right position of one large object; the low tier suffices.
 
@@ -44,14 +45,13 @@ TASKS: dict[str, str] = {
 }
 MAX_NEW_TOKENS: dict[str, int] = {"synth_textvqa": 8, "synth_countvqa": 4, "synth_attrvqa": 4}
 
-# Sign words: short, so that two of them fit in 128 px even in the large font.
 # Three-letter sign words: in every font size a word fits inside one 32-px column of the high tier's
 # 2x4 tiling (words are placed in distinct columns), so each is read from one tile.
 SIGN_WORDS: tuple[str, ...] = (
     "cat", "dog", "sun", "box", "cup", "hat", "key", "pen", "ink", "egg", "ice", "jam",
     "bus", "car", "sky", "bee", "ant", "pig", "hen", "bat", "fig", "tea", "oak", "jar",
 )
-FONT_SIZES_PX: dict[str, int] = {"small": 10, "medium": 11, "large": 12}
+FONT_SIZES_PX: dict[str, int] = {"small": 8, "medium": 10, "large": 12}
 TEXT_COLUMNS = 4  # columns of the high tier's tiling of a 128-px-wide image
 # The sign sits at a fixed place (top half, middle columns; jittered within each column) so that the
 # task measures reading, not search: each word is read from one high-tier tile.

@@ -158,6 +158,18 @@ def test_set_drop_order_changes_the_dropped_blocks(model):
         backend.set_drop_order([1, 2, 3])
 
 
+def test_a_checkpoint_with_a_measured_drop_order_loads_with_it(model, tmp_path: Path):
+    import json
+
+    model.save_pretrained(tmp_path)
+    assert BaseVLMBackend.from_pretrained(tmp_path).drop_order == [4, 3, 2, 1]  # the default
+    (tmp_path / "drop_order.json").write_text(json.dumps({"drop_order": [2, 4, 1, 3]}))
+    backend = BaseVLMBackend.from_pretrained(tmp_path)
+    assert backend.drop_order == [2, 4, 1, 3]
+    sample = load_split("synth_attrvqa", "val", 1)[0]
+    assert backend.answer(sample, KnobConfig("low", 4, 4), max_new_tokens=1).active_blocks == (0, 1, 3, 5)
+
+
 def test_shipped_config_fits_the_checkpoint_budget():
     model = build_base_vlm()
     assert space_for(model.config) is BASE_VLM_SPACE

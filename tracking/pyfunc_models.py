@@ -51,15 +51,10 @@ class BaseVLMPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        import json
-        from pathlib import Path
-
         from core.base_vlm import BaseVLMBackend
 
+        # The checkpoint's drop_order.json, if any, is applied by from_pretrained.
         self.backend = BaseVLMBackend.from_pretrained(context.artifacts["base_vlm"])
-        order_file = Path(context.artifacts["base_vlm"]) / "drop_order.json"
-        if order_file.is_file():
-            self.backend.set_drop_order(json.loads(order_file.read_text()))
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from core.vlm_backend import VQASample
