@@ -97,6 +97,22 @@ def test_register_evaluate_importance_profile_chain(tracking_store, subprocess_e
         assert predicted == truth, line
 
 
+@pytest.mark.slow
+def test_a_micro_training_run_logs_per_epoch_metrics_and_registers(tracking_store, tmp_path):
+    argv = ["--epochs", "3", "--batch_size", "8", "--train_samples_per_dataset", "16", "--val_samples_per_dataset", "2",
+            "--reader_word_steps", "2", "--reader_steps", "2", "--qa_pairs_per_image", "2",
+            "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out")]
+    assert train_base_model.main(argv) == 0
+    run = _finished("train_base_model")
+    client = MlflowClient()
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_vqa_score_full")] == [1, 2, 3]
+    assert client.get_model_version_by_alias("base-vlm", "champion").run_id == run.info.run_id
+    # The output copy is what `from_checkpoint` registers elsewhere, with its recorded history.
+    assert len(json.loads((tmp_path / "out" / "history.json").read_text())) == 3
+
+
 @pytest.mark.parametrize("module, argv, expected", [
     (profile, ["--dataset_names", "synth_nothing"], "synth_nothing"),
     (profile, ["--backend", "gpt5"], "backend='gpt5'"),
