@@ -13,7 +13,9 @@ class:
                  (a token sees only part of the glyphs); tokens touching no word are "none".
 
 A reading probe on 32-px high-tier tiles showed the vision tower learns the words this way within a
-few hundred steps, where a per-token binary loss over all words stalled near chance.
+few hundred steps, where a per-token binary loss over all words stalled near chance. Two findings
+shape `reader_loss`: "none" targets that carry no object information must not reach the tower (see
+there), and reading is learnt first, alone (`core.elastic_training.train_reader`).
 """
 
 from __future__ import annotations
