@@ -592,6 +592,18 @@ class BaseVLMBackend:
         active_blocks(self.space.num_blocks, self.space.block_options[-1], drop_order)  # validates the permutation
         self.drop_order = list(drop_order)
 
+    def answer_log_likelihood(self, sample: VQASample, config: KnobConfig) -> float:
+        """Mean log-probability per token (words and EOS) of the first reference answer under
+        `config`, teacher-forced after the prompt; the model is restored afterwards."""
+        with torch.inference_mode(), apply_knobs(self.model, config, self.space, self.drop_order):
+            crops, grid = self.model.preprocess(sample.image)
+            ids, targets = self.model.dialogue_ids([(sample.question, sample.answers[0])])
+            parts = self.model.teacher_forced_loss(
+                crops[None].to(self.device), grid, torch.tensor([ids], device=self.device),
+                torch.tensor([targets], device=self.device),
+            )
+        return -float(parts.answer_ce)
+
     def answer(
         self,
         sample: VQASample,

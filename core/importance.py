@@ -17,7 +17,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,8 @@ from core.knobs import KnobConfig, drop_order_from_importance
 from core.vlm_backend import GenerationResult, VLMBackend, VQASample
 
 ScoreFn = Callable[[str, Sequence[str]], float]
+T = TypeVar("T")
+ANSWER_LOG_LIKELIHOOD = "answer_log_likelihood"  # score kind: teacher-forced log-probability of the reference answer
 
 
 class ImportanceError(ValueError):
@@ -45,20 +47,14 @@ def supports_block_override(backend: VLMBackend) -> bool:
         return False
 
 
-def answer_with_blocks(
-    backend: VLMBackend,
-    sample: VQASample,
-    config: KnobConfig,
-    blocks: Sequence[int],
-    max_new_tokens: int | None = None,
-) -> GenerationResult:
-    """Answer `sample` with tier/top_k from `config` and exactly the decoder `blocks` running."""
+def _with_blocks(backend: VLMBackend, config: KnobConfig, blocks: Sequence[int], call: Callable[[KnobConfig, dict], T]) -> T:
+    """call(config, extra_kwargs) with tier/top_k from `config` and exactly the decoder `blocks` running."""
     blocks = tuple(sorted(int(b) for b in blocks))
     n = backend.space.num_blocks
     if not blocks or blocks[0] != 0 or blocks[-1] != n - 1:
         raise ImportanceError(f"block set {blocks} must keep the first (0) and last ({n - 1}) block")
     if supports_block_override(backend):
-        return backend.answer(sample, config, max_new_tokens=max_new_tokens, active_blocks_override=blocks)  # type: ignore[call-arg]
+        return call(config, {"active_blocks_override": blocks})
     # Fallback: put the removed blocks first in the drop order and ask for len(blocks) via the knob.
     if len(blocks) not in backend.space.block_options:
         raise ImportanceError(
@@ -71,24 +67,49 @@ def answer_with_blocks(
     removed = [b for b in range(1, n - 1) if b not in blocks]
     backend.set_drop_order(removed + [b for b in previous if b not in removed])
     try:
-        return backend.answer(sample, replace(config, num_active_blocks=len(blocks)), max_new_tokens=max_new_tokens)
+        return call(replace(config, num_active_blocks=len(blocks)), {})
     finally:
         backend.set_drop_order(previous)
+
+
+def answer_with_blocks(
+    backend: VLMBackend,
+    sample: VQASample,
+    config: KnobConfig,
+    blocks: Sequence[int],
+    max_new_tokens: int | None = None,
+) -> GenerationResult:
+    """Answer `sample` with tier/top_k from `config` and exactly the decoder `blocks` running."""
+    return _with_blocks(backend, config, blocks,
+                        lambda cfg, extra: backend.answer(sample, cfg, max_new_tokens=max_new_tokens, **extra))
 
 
 def mean_accuracy(
     backend: VLMBackend,
     samples: Sequence[VQASample],
-    score_fn: ScoreFn,
+    score_fn: ScoreFn | str,
     config: KnobConfig,
     blocks: Sequence[int],
 ) -> float:
-    """Mean score_fn(prediction, answers) over `samples` with exactly `blocks` running."""
+    """Mean score over `samples` with exactly `blocks` running.
+
+    score_fn(prediction, answers) scores greedy answers; `ANSWER_LOG_LIKELIHOOD` instead takes the
+    backend's mean log-probability per token of the first reference answer (teacher-forced): a graded
+    measure that still moves when a removed block leaves the greedy answer unchanged.
+    """
     if not samples:
         raise ImportanceError("no samples to measure accuracy on")
-    scores = [
-        float(score_fn(answer_with_blocks(backend, s, config, blocks, s.max_new_tokens).text, s.answers)) for s in samples
-    ]
+    if isinstance(score_fn, str):
+        if score_fn != ANSWER_LOG_LIKELIHOOD:
+            raise ImportanceError(f"unknown score {score_fn!r} (known: a score function or {ANSWER_LOG_LIKELIHOOD!r})")
+        if not hasattr(backend, "answer_log_likelihood"):
+            raise ImportanceError(f"backend {backend.name!r} cannot score answer log-likelihood")
+        scores = [_with_blocks(backend, config, blocks, lambda cfg, extra, s=s: backend.answer_log_likelihood(s, cfg, **extra))
+                  for s in samples]
+    else:
+        scores = [
+            float(score_fn(answer_with_blocks(backend, s, config, blocks, s.max_new_tokens).text, s.answers)) for s in samples
+        ]
     return float(np.mean(scores))
 
 
@@ -98,7 +119,7 @@ def mean_accuracy(
 def leave_one_block_out(
     backend: VLMBackend,
     samples: Sequence[VQASample],
-    score_fn: ScoreFn,
+    score_fn: ScoreFn | str,
     base_config: KnobConfig,
     progress: bool = True,
 ) -> dict[int, float]:
@@ -116,6 +137,24 @@ def leave_one_block_out(
     return drops
 
 
+def leave_one_block_out_across(
+    backend: VLMBackend,
+    samples: Sequence[VQASample],
+    score_fn: ScoreFn | str,
+    base_configs: Sequence[KnobConfig],
+    progress: bool = True,
+) -> dict[int, float]:
+    """Leave-one-block-out drops averaged over several base configs (e.g. one per tier).
+
+    At the richest config an easy data set can be saturated (every single-block removal still scores
+    1.0, so all drops are 0 and carry no order); the lower tiers are where a block's loss shows.
+    """
+    if not base_configs:
+        raise ImportanceError("no base configs to measure block importance at")
+    per_config = [leave_one_block_out(backend, samples, score_fn, c, progress) for c in base_configs]
+    return {b: float(np.mean([drops[b] for drops in per_config])) for b in per_config[0]}
+
+
 @dataclass
 class BeamSearchResult:
     """Best removal set per size found by beam search (accuracy drops vs every block running)."""
@@ -129,7 +168,7 @@ class BeamSearchResult:
 def beam_search_removal(
     backend: VLMBackend,
     samples: Sequence[VQASample],
-    score_fn: ScoreFn,
+    score_fn: ScoreFn | str,
     base_config: KnobConfig,
     max_removed: int,
     beam_width: int = 3,

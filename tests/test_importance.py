@@ -112,3 +112,28 @@ def test_backend_without_override_falls_back_to_the_knob_and_restores_the_drop_o
     assert inner.drop_order == before
     with pytest.raises(ImportanceError, match="active_blocks_override"):
         leave_one_block_out(backend, [sample], exact_match, BASE, progress=False)  # 15 blocks: not an option
+
+
+def test_answer_log_likelihood_importance_is_graded_and_restores_the_base_vlm():
+    from core.base_vlm import BaseVLMBackend, build_base_vlm
+    from core.importance import ANSWER_LOG_LIKELIHOOD, mean_accuracy
+    from core.vqa_suite import load_split
+    from tests.test_base_vlm import TINY
+
+    backend = BaseVLMBackend(build_base_vlm(TINY, seed=0))
+    samples = load_split("synth_countvqa", "val", 3)
+    full = backend.space.full()
+    before_order = list(backend.drop_order)
+    ll = backend.answer_log_likelihood(samples[0], full)
+    assert math.isfinite(ll) and ll < 0
+    # Greedy answers of an untrained model are all wrong (every accuracy drop is 0); the
+    # log-likelihood still tells each block's removal apart.
+    drops = leave_one_block_out(backend, samples, ANSWER_LOG_LIKELIHOOD, full, progress=False)
+    assert sorted(drops) == list(range(1, TINY.num_blocks - 1))
+    assert all(d != 0.0 for d in drops.values()) and len(set(drops.values())) == len(drops)
+    assert backend.drop_order == before_order
+    assert backend.answer_log_likelihood(samples[0], full) == ll  # the model is restored after every removal
+    assert mean_accuracy(backend, samples, ANSWER_LOG_LIKELIHOOD, full, tuple(range(TINY.num_blocks))) == pytest.approx(
+        sum(backend.answer_log_likelihood(s, full) for s in samples) / 3)
+    with pytest.raises(ImportanceError, match="unknown score"):
+        mean_accuracy(backend, samples, "perplexity", full, tuple(range(TINY.num_blocks)))
