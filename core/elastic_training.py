@@ -366,6 +366,14 @@ def evaluate_reader(
     return out
 
 
+def recorded_history(checkpoint_dir: Path | str) -> list[dict]:
+    """Epoch records of a saved training state (empty when there is none), for a resumed run's log."""
+    path = Path(checkpoint_dir) / STATE_FILE
+    if not path.is_file():
+        return []
+    return list(torch.load(path, map_location="cpu", weights_only=False)["history"])
+
+
 def save_checkpoint(
     model: BaseVLM,
     reader: RegionReader,

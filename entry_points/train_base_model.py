@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from core.base_vlm import DROP_ORDER_FILE, BaseVLM, BaseVLMBackend
-from core.elastic_training import ElasticTrainConfig, evaluate_val, train_base_vlm
+from core.elastic_training import ElasticTrainConfig, evaluate_val, recorded_history, train_base_vlm
 from core.knobs import TIERS
 from core.vqa_suite import DATASETS, load_split
 from tracking.artifacts import log_dataset_input, log_json
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             logger = EpochLogger(TRAINING_COLUMNS, VALIDATION_COLUMNS, flush_every=1)
             checkpoint_dir = Path(params.checkpoint_dir)
+            for record in recorded_history(checkpoint_dir):  # a resumed run shows the epochs it did not run itself
+                logger.log(record["epoch"], {k: v for k, v in record.items() if k != "epoch"})
             try:
                 model, history = train_base_vlm(
                     config, on_epoch=lambda r: logger.log(r["epoch"], {k: v for k, v in r.items() if k != "epoch"}),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.base_vlm import BaseVLM, BaseVLMConfig, space_for
-from core.elastic_training import ElasticTrainConfig, sample_train_config, train_base_vlm
+from core.elastic_training import ElasticTrainConfig, recorded_history, sample_train_config, train_base_vlm
 from core.knobs import TIERS
 from core.vqa_suite import DATASETS
 
@@ -51,6 +51,8 @@ def test_resume_continues_after_the_last_checkpoint_and_matches_an_uninterrupted
     with pytest.raises(_Stop):  # the caller's exception propagates, after the epoch is checkpointed
         train_base_vlm(_config(), on_epoch=stop_after_first, checkpoint_dir=tmp_path)
     assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert [r["epoch"] for r in recorded_history(tmp_path)] == [1]  # what a resumed run logs before it trains
+    assert recorded_history(tmp_path / "nothing-here") == []
 
     seen = []
     resumed, history = train_base_vlm(_config(), on_epoch=seen.append, checkpoint_dir=tmp_path, resume=True)
