@@ -192,3 +192,36 @@ def run_to_run_noise(df_rows: pd.DataFrame, group_columns: tuple[str, ...] = ("s
         ok = reference > 0
         out[f"noise_mape_{short}"] = float(100 * np.mean(np.abs(values[ok] - reference[ok]) / reference[ok]))
     return out
+
+
+FEATURE_GROUP_COLUMNS: tuple[str, ...] = (*KNOBS, "vision_tokens", "text_tokens")
+
+
+def feature_floor(truth: pd.DataFrame, group_columns: tuple[str, ...] = FEATURE_GROUP_COLUMNS) -> dict[str, float]:
+    """What the best estimator that sees only the request's features could score on `truth`.
+
+    In: one row per (sample, config) with run-median latencies (`core.estimator.group_runs`). Rows
+    with equal knobs and token counts look the same to any estimator; predicting each from the
+    median of the *other* rows of its group gives floor_mape_<c> (in %): when the estimator's
+    test_mape sits at this floor, what is left is measurement noise, not model error. Groups of one
+    row are skipped.
+    """
+    missing = [c for c in group_columns if c not in truth]
+    if missing:
+        raise ValueError(f"field(s) {missing} missing: cannot group rows by their features")
+    out: dict[str, float] = {}
+    group_ids = truth.groupby(list(group_columns), sort=False).ngroup().to_numpy()
+    for short, column in COMPONENTS.items():
+        if column not in truth:
+            continue
+        rows = _component_rows(truth, short)
+        ids, values = group_ids[rows], truth[column].to_numpy(dtype=float)[rows]
+        repeated = np.bincount(ids)[ids] > 1 if len(ids) else np.zeros(0, dtype=bool)
+        ids, values = ids[repeated], values[repeated]
+        if len(ids) == 0:
+            out[f"floor_mape_{short}"] = float("nan")
+            continue
+        reference = _median_of_the_others(ids, values)
+        ok = values > 0
+        out[f"floor_mape_{short}"] = float(100 * np.mean(np.abs(values[ok] - reference[ok]) / values[ok]))
+    return out

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import mlflow
 
 from core.estimator import evaluate_predictor, load_profile_table, predict_groups
-from core.estimator_metrics import per_config_table
+from core.estimator_metrics import feature_floor, per_config_table
 from entry_points.train_estimator import dataset_list
 from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_json
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             name = prefix.rstrip("_")
             log_dataset_input(rows, name=f"profile-{name}", context="test", source=params.results_dir)
             scores = evaluate_predictor(estimator, rows, prefix)
-            metrics.update(scores)
             truth, pred = predict_groups(estimator, rows)
+            scores.update({f"{prefix}{k}": v for k, v in feature_floor(truth).items()})  # the noise floor under test_mape
+            metrics.update(scores)
             table_per_config = per_config_table(truth, pred)
             log_csv(table_per_config, f"evaluation/per_config_{name}.csv")
             report["sets"][name] = {  # type: ignore[index]

@@ -29,7 +29,7 @@ from core.estimator import (
     train_estimator,
 )
 from core.estimator_baselines import AnalyticBaseline, LinearBaseline
-from core.estimator_metrics import per_config_table, run_to_run_noise
+from core.estimator_metrics import feature_floor, per_config_table, run_to_run_noise
 from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_figure, log_json, log_text
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
 from tracking.epoch_logging import EpochLogger
@@ -235,6 +235,7 @@ def execute(
         fitted = baseline_cls(config.quantile).fit(pd.concat([prepared.split.train, prepared.split.val], ignore_index=True))
         metrics.update(_scores(fitted, prepared.split, f"baseline_{name}_test_"))
     truth, pred = predict_groups(model, prepared.split.test)
+    metrics.update({f"test_{k}": v for k, v in feature_floor(truth).items()})
     log_csv(per_config_table(truth, pred), "evaluation/per_config_test.csv")
     log_csv(pd.concat([truth.reset_index(drop=True), pred.add_prefix("pred_").reset_index(drop=True)], axis=1),
             "evaluation/predictions_test.csv")
