@@ -31,7 +31,7 @@ class Params:
     eval_test_samples: int = 100  # per data set
     importance_samples: int = 20  # per data set and split
     profile_samples: int = 4  # per data set (the full sweep: -P profile_samples=100 -P profile_runs=3)
-    profile_runs: int = 1
+    profile_runs: int = 2  # two runs: the repeatability (CV) figures need repeats
     profile_results_dir: str = "results/profiles/pipeline"
     trace: str = "synthetic"
     num_days: int = 61
