@@ -1,0 +1,88 @@
+"""Where the GPU tables' run-to-run noise comes from: the same request timed back to back vs interleaved.
+
+For a few configs of molmoe_arch, times one request `--repeats` times in a row (after warm-up), then
+the same configs interleaved (config A, B, C, A, B, C, ...), as the profiling sweep orders its work.
+Prints and writes (`--out`/timing_noise.json) the median and coefficient of variation per stage for
+both schedules. Low CV back to back but high CV interleaved means the noise comes from switching
+configs (allocator, caches, clocks), not from the kernels; high CV in both means host jitter.
+
+  python scripts/gpu_timing_noise.py --out $OUT            # on the GPU machine
+  python scripts/gpu_timing_noise.py --size tiny --repeats 3  # CPU smoke test
+
+No MLflow: core only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from core.knobs import KnobConfig  # noqa: E402
+from core.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
+
+STAGES = ("T_vision_ms", "T_prefill_ms", "T_decode_per_token_ms", "T_total_ms")
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    median = statistics.median(values)
+    cv = statistics.pstdev(values) / statistics.mean(values) if len(values) > 1 else float("nan")
+    return {"median": round(median, 3), "cv": round(cv, 4), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="reference", choices=["reference", "tiny"])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--output-tokens", type=int, default=8)
+    p.add_argument("--pin-cpu", type=int, default=None, help="pin to this core with one torch thread")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})
+        torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    backend = MolmoeArchBackend(args.size, seed=0)
+    sample = synthetic_latency_samples([16], [(640, 480)], n=1, max_new_tokens=args.output_tokens, seed=0)[0]
+    space = backend.space
+    configs = [space.full(), space.minimal(), KnobConfig("medium", space.top_k_options[2], space.block_options[2])]
+    print(f"built on {backend.device} in {time.perf_counter() - t0:.1f} s; configs {[c.key for c in configs]}", flush=True)
+
+    def timed(config: KnobConfig) -> dict[str, float]:
+        r = backend.answer(sample, config, force_output_tokens=args.output_tokens)
+        return {"T_vision_ms": r.T_vision_ms, "T_prefill_ms": r.T_prefill_ms,
+                "T_decode_per_token_ms": r.T_decode_per_token_ms, "T_total_ms": r.T_total_ms}
+
+    for c in configs:
+        for _ in range(3):
+            timed(c)
+    report: dict[str, object] = {"device": str(backend.device), "size": args.size, "repeats": args.repeats,
+                                 "pin_cpu": args.pin_cpu, "back_to_back": {}, "interleaved": {}}
+    for c in configs:
+        rows = [timed(c) for _ in range(args.repeats)]
+        report["back_to_back"][c.key] = {s: summarise([r[s] for r in rows]) for s in STAGES}  # type: ignore[index]
+    interleaved: dict[str, list[dict[str, float]]] = {c.key: [] for c in configs}
+    for _ in range(args.repeats):
+        for c in configs:
+            interleaved[c.key].append(timed(c))
+    for key, rows in interleaved.items():
+        report["interleaved"][key] = {s: summarise([r[s] for r in rows]) for s in STAGES}  # type: ignore[index]
+    for schedule in ("back_to_back", "interleaved"):
+        for key, stats in report[schedule].items():  # type: ignore[union-attr]
+            line = ", ".join(f"{s[2:-3]} {v['median']:.2f} ms cv {v['cv']:.3f}" for s, v in stats.items())
+            print(f"{schedule:13s} {key:14s} {line}", flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "timing_noise.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
