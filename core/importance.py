@@ -4,6 +4,9 @@ Importance of middle block b = accuracy with every block - accuracy with every b
 (leave-one-block-out, LOO). Higher = more important; the first and last block always run, so they
 get no score (they are excluded from the returned dicts rather than reported as +inf, which keeps the
 dicts directly usable by `core.knobs.drop_order_from_importance`, which wants exactly the middle blocks).
+"Accuracy" is a score function of greedy answers (VQA score) or `ANSWER_LOG_LIKELIHOOD`, the
+teacher-forced log-probability of the reference answer: on a model trained to survive block removal
+the greedy answers rarely change when one block goes, while their likelihood still does.
 
 Running "every block but b" needs an arbitrary set of active blocks, which the knob alone cannot
 express (num_blocks - 1 is usually not a block option). Backends therefore accept

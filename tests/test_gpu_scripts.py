@@ -1,0 +1,39 @@
+"""The device-side scripts (core only, no MLflow) run end to end on a CPU with the tiny molmoe_arch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_timing_noise_script_reports_both_schedules(tmp_path: Path):
+    out = _run("gpu_timing_noise.py", "--size", "tiny", "--repeats", "2", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "timing_noise.json").read_text())
+    assert set(report) >= {"back_to_back", "interleaved"} and len(report["back_to_back"]) == 3
+    for stats in report["interleaved"].values():
+        assert stats["T_total_ms"]["median"] > 0 and stats["T_total_ms"]["cv"] >= 0
+    assert "interleaved" in out
+
+
+def test_gpu_profile_script_writes_a_resumable_store(tmp_path: Path):
+    args = ("--size", "tiny", "--runs", "1", "--warmup", "0", "--num-shards", "25", "--output-tokens", "2",
+            "--prompt-lengths", "4", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"))
+    _run("profile_molmoe_arch_gpu.py", *args)
+    first = pd.concat([pd.read_parquet(f) for f in (tmp_path / "out").rglob("*.parquet")])
+    assert len(first) == 3 and first["output_tokens"].eq(2).all()  # 75 configs / 25 shards, one sample
+    _run("profile_molmoe_arch_gpu.py", *args)  # a rerun finds every row stored and adds none
+    again = pd.concat([pd.read_parquet(f) for f in (tmp_path / "out").rglob("*.parquet")])
+    assert len(again) == len(first)
