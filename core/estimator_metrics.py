@@ -12,6 +12,8 @@ within10 are taken over rows with a positive truth only.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -164,6 +166,24 @@ def _median_of_the_others(group_ids: np.ndarray, values: np.ndarray) -> np.ndarr
     return out
 
 
+def _leave_one_out_references(
+    frame: pd.DataFrame, group_columns: Sequence[str], short: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(group ids, values, median of the other rows of the same group) for component `short`, over
+    the rows where it is defined and whose group has at least two; None when the column is absent."""
+    column = COMPONENTS[short]
+    if column not in frame:
+        return None
+    group_ids = frame.groupby(list(group_columns), sort=False).ngroup().to_numpy()
+    rows = _component_rows(frame, short)
+    ids, values = group_ids[rows], frame[column].to_numpy(dtype=float)[rows]
+    repeated = np.bincount(ids)[ids] > 1 if len(ids) else np.zeros(0, dtype=bool)
+    ids, values = ids[repeated], values[repeated]
+    if len(ids) == 0:
+        return ids, values, values
+    return ids, values, _median_of_the_others(ids, values)
+
+
 def run_to_run_noise(df_rows: pd.DataFrame, group_columns: tuple[str, ...] = ("sample_id", *KNOBS)) -> dict[str, float]:
     """How noisy the repeats are: the floor any estimator meets.
 
@@ -173,26 +193,20 @@ def run_to_run_noise(df_rows: pd.DataFrame, group_columns: tuple[str, ...] = ("s
     what a perfect per-group predictor scores against single runs). Groups of one run are skipped.
     """
     out: dict[str, float] = {}
-    group_ids = df_rows.groupby(list(group_columns), sort=False).ngroup().to_numpy()
-    for short, column in COMPONENTS.items():
-        if column not in df_rows:
+    for short in COMPONENTS:
+        pairs = _leave_one_out_references(df_rows, group_columns, short)
+        if pairs is None:
             continue
-        rows = _component_rows(df_rows, short) if short == "decode" else np.ones(len(df_rows), dtype=bool)
-        ids, values = group_ids[rows], df_rows[column].to_numpy(dtype=float)[rows]
-        sizes = np.bincount(ids, minlength=group_ids.max() + 1 if len(group_ids) else 0)[ids]
-        repeated = sizes > 1
-        ids, values = ids[repeated], values[repeated]
-        if len(ids) == 0:
+        ids, values, reference = pairs
+        if len(values) == 0:
             out[f"noise_cv_{short}"] = out[f"noise_mape_{short}"] = float("nan")
             continue
         stats = pd.Series(values).groupby(ids).agg(["mean", "std"])
         stats = stats[stats["mean"] > 0]
         out[f"noise_cv_{short}"] = float((stats["std"] / stats["mean"]).median())
-        reference = _median_of_the_others(ids, values)
         ok = reference > 0
         out[f"noise_mape_{short}"] = float(100 * np.mean(np.abs(values[ok] - reference[ok]) / reference[ok]))
     return out
-
 
 FEATURE_GROUP_COLUMNS: tuple[str, ...] = (*KNOBS, "vision_tokens", "text_tokens")
 
@@ -210,18 +224,12 @@ def feature_floor(truth: pd.DataFrame, group_columns: tuple[str, ...] = FEATURE_
     if missing:
         raise ValueError(f"field(s) {missing} missing: cannot group rows by their features")
     out: dict[str, float] = {}
-    group_ids = truth.groupby(list(group_columns), sort=False).ngroup().to_numpy()
-    for short, column in COMPONENTS.items():
-        if column not in truth:
+    for short in COMPONENTS:
+        pairs = _leave_one_out_references(truth, group_columns, short)
+        if pairs is None:
             continue
-        rows = _component_rows(truth, short)
-        ids, values = group_ids[rows], truth[column].to_numpy(dtype=float)[rows]
-        repeated = np.bincount(ids)[ids] > 1 if len(ids) else np.zeros(0, dtype=bool)
-        ids, values = ids[repeated], values[repeated]
-        if len(ids) == 0:
-            out[f"floor_mape_{short}"] = float("nan")
-            continue
-        reference = _median_of_the_others(ids, values)
+        _, values, reference = pairs
         ok = values > 0
-        out[f"floor_mape_{short}"] = float(100 * np.mean(np.abs(values[ok] - reference[ok]) / values[ok]))
+        out[f"floor_mape_{short}"] = (float(100 * np.mean(np.abs(values[ok] - reference[ok]) / values[ok]))
+                                      if ok.any() else float("nan"))
     return out

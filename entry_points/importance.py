@@ -1,6 +1,7 @@
 """Entry point `importance` (Exp 6): leave-one-block-out drop per block and data set (in the reference
-answer's log-likelihood by default, or in VQA score) on a train and a val subset, their consistency (Spearman train vs val, cross-data-set matrix), and the
-merged drop order that the profiler and the base VLM use."""
+answer's log-likelihood by default, or in VQA score) on a train and a val subset, their consistency
+(Spearman train vs val, cross-data-set matrix), and the merged drop order that the profiler and the
+base VLM use."""
 
 from __future__ import annotations
 

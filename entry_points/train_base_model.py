@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         if staging.exists():
             shutil.rmtree(staging)
         model.save_pretrained(staging)
-        order_file = Path(params.from_checkpoint or staging) / DROP_ORDER_FILE
-        if params.from_checkpoint and order_file.is_file():  # the checkpoint's measured drop order travels with it
-            shutil.copy(order_file, staging / DROP_ORDER_FILE)
+        if params.from_checkpoint and (Path(params.from_checkpoint) / DROP_ORDER_FILE).is_file():
+            # the checkpoint's measured drop order travels with it
+            shutil.copy(Path(params.from_checkpoint) / DROP_ORDER_FILE, staging / DROP_ORDER_FILE)
         if params.output_dir:
             shutil.copytree(staging, params.output_dir, dirs_exist_ok=True)
             if not params.from_checkpoint:  # what `from_checkpoint` logs when this copy is registered elsewhere
