@@ -17,6 +17,10 @@ Knobs (applied inside `knobs_applied`, which restores the model exactly afterwar
                        `layer_idx`, so a skipped block's KV-cache slot simply stays empty; block 0
                        must run because the cache length (positions, causal mask) is read from it.
 
+Engines: "eager" runs transformers' forward per token (DynamicCache), which is launch-bound and
+host-jittery on a GPU; "graph" (`core.graph_engine`) replays vision, prefill and each decode step
+as captured CUDA graphs over a StaticCache, which times the kernels alone.
+
 Latency only: weights are random, so answers are meaningless (accuracy is NaN in profiles). Text is
 "tokenised" one token per whitespace-separated word (a stable hash into the vocabulary), so a
 question of N words is N text tokens. Outputs are forced to a fixed length with
@@ -39,6 +43,7 @@ from PIL import Image
 from torch import nn
 
 from core.knobs import MOLMOE_SPACE, TIERS, KnobConfig, KnobSpace, active_blocks, default_drop_order
+from core.graph_engine import GraphedGenerator
 from core.timing import StageClock
 from core.vlm_backend import GenerationResult, VQASample
 
@@ -231,6 +236,9 @@ def _router(layer: nn.Module) -> nn.Module:
     raise AttributeError(f"cannot find the top_k of MoE block {type(layer.mlp).__name__}")
 
 
+ENGINES = ("eager", "graph")
+
+
 class MolmoeArchBackend:
     """VLMBackend `molmoe_arch`: MolmoE-1B-sized, random weights, latency only."""
 
@@ -244,14 +252,20 @@ class MolmoeArchBackend:
         seed: int = 0,
         experts_implementation: str | None = None,
         dims: MolmoeArchDims | None = None,
+        engine: str = "eager",
     ) -> None:
         """`size`: "reference" (MolmoE-1B dims) or "tiny" (CPU tests); `device` defaults to CUDA if present.
 
         bf16 on a GPU, fp32 on a CPU. `experts_implementation` is passed to transformers
         (None = its default, "grouped_mm" where available); the one in use is `self.experts_implementation`.
+        `engine`: "eager" (DynamicCache, one Python-dispatched forward per token) or "graph" (StaticCache,
+        vision / prefill / decode replayed as CUDA graphs: `core.graph_engine`; on a CPU the same
+        static-cache path runs eagerly).
         """
         from transformers import OlmoeConfig, OlmoeForCausalLM
 
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r} is unknown (choose from: {', '.join(ENGINES)})")
         if dims is None:
             if size not in SIZE_PRESETS:
                 raise ValueError(f"size={size!r} is not a molmoe_arch preset (options: {sorted(SIZE_PRESETS)})")
@@ -278,6 +292,8 @@ class MolmoeArchBackend:
             self.lm = OlmoeForCausalLM._from_config(cfg, **kwargs).eval()
             self.vision = MolmoeVision(dims).to(self.dtype).eval()
         self.experts_implementation = str(getattr(self.lm.config, "_experts_implementation", "eager"))
+        self.engine = engine
+        self._generator: GraphedGenerator | None = None
 
     # --- knobs -------------------------------------------------------------------------------
     @property
@@ -354,8 +370,34 @@ class MolmoeArchBackend:
         rows, cols = self.crops_for(sample.image, config.tier)
         ids = prompt_token_ids(sample.question, self.dims.text_vocab)
         clock = StageClock(self.device)
+        if self.engine == "graph":
+            token_ids, vision_tokens = self._generate_graphed(sample, config.top_k, blocks, rows, cols, ids, n_new,
+                                                               force_output_tokens is None, clock)
+        else:
+            token_ids, vision_tokens = self._generate_eager(sample, config.top_k, blocks, rows, cols, ids, n_new,
+                                                            force_output_tokens is None, clock)
+        ms = clock.durations_ms()
+        text_ids = [t for t in token_ids if t != self.eos_token_id]
+        crops = rows * cols
+        return GenerationResult(
+            text=" ".join(f"t{t}" for t in text_ids),
+            output_tokens=len(token_ids),
+            crops=crops,
+            vision_tokens=vision_tokens,
+            text_tokens=len(ids),
+            active_blocks=blocks,
+            T_vision_ms=sum(ms["vision"]),
+            T_prefill_ms=sum(ms["prefill"]),
+            T_decode_ms=sum(ms.get("decode", [])),
+            decode_step_ms=list(ms.get("decode", [])),
+        )
+
+    def _generate_eager(
+        self, sample: VQASample, top_k: int, blocks: tuple[int, ...], rows: int, cols: int, ids: list[int],
+        n_new: int, stop_at_eos: bool, clock: StageClock,
+    ) -> tuple[list[int], int]:
         tokens: list[torch.Tensor] = []
-        with self.knobs_applied(config.top_k, blocks):
+        with self.knobs_applied(top_k, blocks):
             with clock.stage("vision"):
                 pixels = image_crops(sample.image, rows, cols, self.dims.image_size)
                 vision = self.vision(pixels.to(self.device, self.dtype)).reshape(1, -1, self.dims.d_model)
@@ -369,28 +411,45 @@ class MolmoeArchBackend:
             tokens.append(token)
             for _ in range(n_new - 1):
                 # Only an unforced run needs the token on the host (an EOS check syncs the GPU).
-                if force_output_tokens is None and int(token.item()) == self.eos_token_id:
+                if stop_at_eos and int(token.item()) == self.eos_token_id:
                     break
                 with clock.stage("decode"):
                     out = self.lm(input_ids=token[:, None], past_key_values=cache, use_cache=True)
                     token = out.logits[:, -1].argmax(dim=-1)
                 tokens.append(token)
-        ms = clock.durations_ms()
-        token_ids = torch.cat(tokens).tolist()
-        text_ids = [t for t in token_ids if t != self.eos_token_id]
-        crops = rows * cols
-        return GenerationResult(
-            text=" ".join(f"t{t}" for t in text_ids),
-            output_tokens=len(token_ids),
-            crops=crops,
-            vision_tokens=vision.shape[1],
-            text_tokens=len(ids),
-            active_blocks=blocks,
-            T_vision_ms=sum(ms["vision"]),
-            T_prefill_ms=sum(ms["prefill"]),
-            T_decode_ms=sum(ms.get("decode", [])),
-            decode_step_ms=list(ms.get("decode", [])),
-        )
+        return torch.cat(tokens).tolist(), int(vision.shape[1])
+
+    @property
+    def graph_cache_len(self) -> int:
+        """Static-cache slots of the graph engine: the high tier's crops plus the global crop, and
+        room for 512 text + output tokens."""
+        return self.dims.tokens_per_crop * (self.space.max_crops(TIERS[-1]) + 1) + 512
+
+    def generator(self) -> GraphedGenerator:
+        """The graph engine's generator, built and initialised (every cache layer) on first use."""
+        if self._generator is None:
+            generator = GraphedGenerator(self.lm, self.device, self.graph_cache_len)
+            with torch.inference_mode():
+                generator.initialise(self.num_blocks)
+            self._generator = generator
+        return self._generator
+
+    def _encode_crops(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixels).reshape(1, -1, self.dims.d_model)
+
+    def _generate_graphed(
+        self, sample: VQASample, top_k: int, blocks: tuple[int, ...], rows: int, cols: int, ids: list[int],
+        n_new: int, stop_at_eos: bool, clock: StageClock,
+    ) -> tuple[list[int], int]:
+        generator = self.generator()  # before the knobs: initialisation needs every block
+        with self.knobs_applied(top_k, blocks):
+            with clock.stage("vision"):
+                pixels = image_crops(sample.image, rows, cols, self.dims.image_size).to(self.device, self.dtype)
+                vision = generator.vision(tuple(pixels.shape), self._encode_crops, pixels)
+            text_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+            token_ids = generator.generate(vision, text_ids, n_new, (top_k, blocks), clock,
+                                           eos_token_id=self.eos_token_id if stop_at_eos else None)
+        return token_ids, int(vision.shape[1])
 
 
 # --- latency probe samples ---------------------------------------------------------------------

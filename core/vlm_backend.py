@@ -95,9 +95,11 @@ def load_backend(
     checkpoint_dir: str | None = None,
     size: str = "reference",
     drop_order: Sequence[int] | None = None,
+    engine: str = "eager",
 ) -> VLMBackend:
     """Build a backend by name: `base_vlm` from a trained checkpoint directory, `molmoe_arch` at a size
-    preset (random weights). `drop_order` (ascending importance) replaces the default one."""
+    preset (random weights). `drop_order` (ascending importance) replaces the default one; `engine`
+    (molmoe_arch only) picks eager or CUDA-graph generation."""
     if name == "base_vlm":
         if not checkpoint_dir:
             raise ValueError("backend base_vlm needs a checkpoint directory (base_model)")
@@ -107,7 +109,7 @@ def load_backend(
     elif name == "molmoe_arch":
         from core.molmoe_arch import MolmoeArchBackend
 
-        backend = MolmoeArchBackend(size=size, device=device)
+        backend = MolmoeArchBackend(size=size, device=device, engine=engine)
     else:
         raise ValueError(f"backend={name!r} is unknown (choose from: {', '.join(BACKENDS)})")
     if drop_order is not None:

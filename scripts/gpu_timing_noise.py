@@ -2,12 +2,16 @@
 
 For a few configs of molmoe_arch, times one request `--repeats` times in a row (after warm-up), then
 the same configs interleaved (config A, B, C, A, B, C, ...), as the profiling sweep orders its work.
-Prints and writes (`--out`/timing_noise.json) the median and coefficient of variation per stage for
+Prints and writes (`--out`/timing_noise.json, timing_noise_graph.json for the graph engine) the median and coefficient of variation per stage for
 both schedules. Low CV back to back but high CV interleaved means the noise comes from switching
 configs (allocator, caches, clocks), not from the kernels; high CV in both means host jitter.
 
   python scripts/gpu_timing_noise.py --out $OUT            # on the GPU machine
+  python scripts/gpu_timing_noise.py --engine graph --compare-eager --out $OUT   # CUDA-graph engine
   python scripts/gpu_timing_noise.py --size tiny --repeats 3  # CPU smoke test
+
+With `--compare-eager` it also reports whether the graph engine's greedy tokens equal the eager
+engine's for each config (same weights, same request).
 
 No MLflow: core only.
 """
@@ -44,13 +48,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--pin-cpu", type=int, default=None, help="pin to this core with one torch thread")
+    p.add_argument("--engine", default="eager", choices=["eager", "graph"])
+    p.add_argument("--compare-eager", action="store_true", help="graph engine: check its tokens against eager's")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.pin_cpu is not None:
         os.sched_setaffinity(0, {args.pin_cpu})
         torch.set_num_threads(1)
     t0 = time.perf_counter()
-    backend = MolmoeArchBackend(args.size, seed=0)
+    backend = MolmoeArchBackend(args.size, seed=0, engine=args.engine)
     sample = synthetic_latency_samples([16], [(640, 480)], n=1, max_new_tokens=args.output_tokens, seed=0)[0]
     space = backend.space
     configs = [space.full(), space.minimal(), KnobConfig("medium", space.top_k_options[2], space.block_options[2])]
@@ -65,7 +71,10 @@ def main() -> None:
         for _ in range(3):
             timed(c)
     report: dict[str, object] = {"device": str(backend.device), "size": args.size, "repeats": args.repeats,
-                                 "pin_cpu": args.pin_cpu, "back_to_back": {}, "interleaved": {}}
+                                 "engine": args.engine, "pin_cpu": args.pin_cpu, "back_to_back": {}, "interleaved": {}}
+    start = time.perf_counter()
+    timed(configs[0])
+    report["one_request_wall_ms"] = round(1000 * (time.perf_counter() - start), 1)
     for c in configs:
         rows = [timed(c) for _ in range(args.repeats)]
         report["back_to_back"][c.key] = {s: summarise([r[s] for r in rows]) for s in STAGES}  # type: ignore[index]
@@ -79,9 +88,17 @@ def main() -> None:
         for key, stats in report[schedule].items():  # type: ignore[union-attr]
             line = ", ".join(f"{s[2:-3]} {v['median']:.2f} ms cv {v['cv']:.3f}" for s, v in stats.items())
             print(f"{schedule:13s} {key:14s} {line}", flush=True)
+    if args.compare_eager and args.engine != "eager":
+        eager = MolmoeArchBackend(args.size, seed=0, engine="eager")
+        report["tokens_match_eager"] = {
+            c.key: backend.answer(sample, c, force_output_tokens=args.output_tokens).text
+            == eager.answer(sample, c, force_output_tokens=args.output_tokens).text
+            for c in configs
+        }
+        print(f"graph tokens equal eager tokens: {report['tokens_match_eager']}", flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "timing_noise.json").write_text(json.dumps(report, indent=1))
+        Path(args.out, "timing_noise.json" if args.engine == "eager" else f"timing_noise_{args.engine}.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="reference", choices=["reference", "tiny"])
     p.add_argument("--device", default=None)
+    p.add_argument("--engine", default="eager", choices=["eager", "graph"],
+                   help="graph: StaticCache + CUDA-graph replay of vision, prefill and decode (core/graph_engine.py)")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 64])
     p.add_argument("--output-tokens", type=int, nargs="+", default=[8, 32])
     p.add_argument("--image-size", nargs="+", default=["640x480"],
@@ -99,10 +101,10 @@ def main() -> None:
     import transformers
 
     print(f"python {platform.python_version()} torch {torch.__version__} transformers {transformers.__version__}", flush=True)
-    backend = MolmoeArchBackend(args.size, device=args.device, seed=args.seed)
+    backend = MolmoeArchBackend(args.size, device=args.device, seed=args.seed, engine=args.engine)
     device_name = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else "cpu"
     print(
-        f"built molmoe_arch/{args.size} on {device_name} ({backend.dtype}, experts={backend.experts_implementation}, "
+        f"built molmoe_arch/{args.size} ({args.engine} engine) on {device_name} ({backend.dtype}, experts={backend.experts_implementation}, "
         f"attn={backend.lm.config._attn_implementation}) in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
@@ -159,6 +161,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "experts_implementation": backend.experts_implementation,
+        "engine": args.engine,
         "rows": int(len(df)),
         "rows_per_dataset": {k: int(v) for k, v in df["dataset"].value_counts().sort_index().items()},
         "complete": not stopped,
