@@ -5,15 +5,28 @@ shard = 0..num_shards-1 cover the grid exactly once between them, and all runs o
 (sample, config) land on the same worker. On start the sweep skips row keys already in the store,
 and it flushes every `flush_every` rows (and on any exception), so a killed worker loses at most the
 rows since its last flush and a rerun completes the same row set without duplicates.
+
+Timing protocol (`timing_repeats`, `drift_reference`): a row may hold the per-component medians of
+several answers of its (sample, config). On a shared CPU the speed drifts over seconds (the same
+request differs by 6-10% between two passes a minute apart while back-to-back repeats agree within
+3-4%: `scripts/cpu_timing_noise.py`), so repeats alone do not help; with `drift_reference` each
+repeat is preceded by one answer of a fixed reference request, and the repeat's times are divided
+by (reference T_total now / reference T_total at calibration). That halves the disagreement between
+two measurements of a row (6.3% -> 3.2% prefill, 8.2% -> 3.4% decode per request on the 2-core VM,
+3 repeats). The calibration is stored with the table (`timing_protocol.json`) so resumed and
+sharded workers share one scale, and a table never mixes protocols.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
+import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +47,8 @@ class ProfileSweepConfig:
     `num_samples` per dataset (a seeded choice when a dataset has more); `num_runs` repeats of each
     (sample, config); `warmup` untimed answers before the first timed one; `force_output_tokens`
     fixes the answer length (latency-only backends), None lets each sample's max_new_tokens and EOS decide.
+    `timing_repeats` answers per row (the row holds their per-component medians); `drift_reference`
+    rescales each repeat by a reference request timed just before it (module docstring).
     """
 
     backend: str
@@ -46,6 +61,9 @@ class ProfileSweepConfig:
     warmup: int = 2
     flush_every: int = 50
     force_output_tokens: int | None = None
+    timing_repeats: int = 1
+    drift_reference: bool = False
+    calibration_answers: int = 30
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset_names", tuple(self.dataset_names))
@@ -59,6 +77,13 @@ class ProfileSweepConfig:
             raise ValueError(f"warmup ({self.warmup}) must be >= 0 and flush_every ({self.flush_every}) >= 1")
         if self.force_output_tokens is not None and self.force_output_tokens < 1:
             raise ValueError(f"force_output_tokens={self.force_output_tokens} must be >= 1")
+        if self.timing_repeats < 1 or self.calibration_answers < 1:
+            raise ValueError(f"timing_repeats ({self.timing_repeats}) and calibration_answers "
+                             f"({self.calibration_answers}) must be >= 1")
+
+    @property
+    def default_protocol(self) -> bool:
+        return self.timing_repeats == 1 and not self.drift_reference
 
 
 @dataclass
@@ -125,6 +150,113 @@ def plan_work(backend: VLMBackend, samples: Sequence[VQASample], config: Profile
     return items
 
 
+PROTOCOL_FILE = "timing_protocol.json"
+
+
+@dataclass(frozen=True)
+class TimingProtocol:
+    """How a table's rows were timed; stored as `timing_protocol.json` beside the data sets."""
+
+    timing_repeats: int
+    drift_reference: bool
+    reference_sample_id: str = ""
+    reference_config: str = ""
+    reference_T_total_ms: float = math.nan  # median over the calibration answers
+    calibration_answers: int = 0
+    device: str = ""
+    backend: str = ""
+
+
+def _protocol_path(store: ProfileStore) -> Path:
+    return Path(store.results_dir) / PROTOCOL_FILE
+
+
+def load_protocol(store: ProfileStore) -> TimingProtocol | None:
+    """The table's stored protocol; None for a table timed one answer per row (the default)."""
+    path = _protocol_path(store)
+    if not path.is_file():
+        return None
+    try:
+        return TimingProtocol(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path}: not a timing protocol ({exc})") from exc
+
+
+def _agree_on_protocol(
+    store: ProfileStore, config: ProfileSweepConfig, reference: tuple[VQASample, KnobConfig], device: str, backend: str
+) -> TimingProtocol | None:
+    """The stored protocol if it matches this sweep; a new one (calibrated later) if the table is empty.
+
+    Raises ValueError when the sweep would add rows timed another way than the rows already there."""
+    stored, has_rows = load_protocol(store), bool(store.part_files())
+    wanted = (config.timing_repeats, config.drift_reference)
+    if stored is None:
+        if has_rows and not config.default_protocol:
+            raise ValueError(f"results_dir {store.results_dir} holds rows timed with one answer per row: profile "
+                             f"timing_repeats={config.timing_repeats}, drift_reference={config.drift_reference} into a new results_dir")
+        return None if config.default_protocol else TimingProtocol(*wanted)
+    if (stored.timing_repeats, stored.drift_reference) != wanted:
+        raise ValueError(f"results_dir {store.results_dir} was timed with timing_repeats={stored.timing_repeats}, "
+                         f"drift_reference={stored.drift_reference} ({PROTOCOL_FILE}): resume with the same settings")
+    if stored.drift_reference and (stored.reference_sample_id, stored.reference_config, stored.device) != (
+        reference[0].sample_id, reference[1].key, device
+    ):
+        raise ValueError(f"{_protocol_path(store)} calibrated reference {stored.reference_sample_id} / "
+                         f"{stored.reference_config} on {stored.device!r}; this sweep's is {reference[0].sample_id} / "
+                         f"{reference[1].key} on {device!r}: same data sets, seed and device needed")
+    return stored
+
+
+def _calibrate(
+    backend: VLMBackend, protocol: TimingProtocol, reference: tuple[VQASample, KnobConfig], config: ProfileSweepConfig,
+    answer_kwargs: dict, device: str, store: ProfileStore,
+) -> TimingProtocol:
+    """Time the reference request `calibration_answers` times; store and return the protocol."""
+    sample, knobs = reference
+    totals = []
+    for _ in range(config.calibration_answers if protocol.drift_reference else 0):
+        r = backend.answer(sample, knobs, max_new_tokens=sample.max_new_tokens, **answer_kwargs)
+        totals.append(r.T_vision_ms + r.T_prefill_ms + r.T_decode_ms)
+    protocol = replace(
+        protocol, reference_sample_id=sample.sample_id if protocol.drift_reference else "",
+        reference_config=knobs.key if protocol.drift_reference else "",
+        reference_T_total_ms=statistics.median(totals) if totals else math.nan,
+        calibration_answers=len(totals), device=device, backend=backend.name,
+    )
+    Path(store.results_dir).mkdir(parents=True, exist_ok=True)
+    _protocol_path(store).write_text(json.dumps(asdict(protocol), indent=1))
+    return protocol
+
+
+def timed_answer(
+    backend: VLMBackend,
+    item: WorkItem,
+    protocol: TimingProtocol | None,
+    reference: tuple[VQASample, KnobConfig],
+    answer_kwargs: dict,
+) -> GenerationResult:
+    """One row's answer under `protocol`: per-component medians over its repeats, each repeat divided
+    by the reference's slowdown when the protocol has a drift reference."""
+    repeats = protocol.timing_repeats if protocol is not None else 1
+    results, slowdowns = [], []
+    for _ in range(repeats):
+        if protocol is not None and protocol.drift_reference:
+            ref = backend.answer(reference[0], reference[1], max_new_tokens=reference[0].max_new_tokens, **answer_kwargs)
+            slowdowns.append((ref.T_vision_ms + ref.T_prefill_ms + ref.T_decode_ms) / protocol.reference_T_total_ms)
+        else:
+            slowdowns.append(1.0)
+        results.append(backend.answer(item.sample, item.config, max_new_tokens=item.sample.max_new_tokens, **answer_kwargs))
+    if repeats == 1 and slowdowns[0] == 1.0:
+        return results[0]
+
+    def median(attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) / f for r, f in zip(results, slowdowns)))
+
+    # Greedy answers are deterministic: every repeat gives the same text and token counts.
+    return replace(results[-1], T_vision_ms=median("T_vision_ms"), T_prefill_ms=median("T_prefill_ms"),
+                   T_decode_ms=median("T_decode_ms"), decode_step_ms=[])
+
+
 def device_label(device: torch.device | str) -> str:
     """'cpu', or the CUDA device's name."""
     device = torch.device(device)
@@ -178,11 +310,16 @@ def run_sweep(
 
     device = device_label(backend.device)
     answer_kwargs = {"force_output_tokens": config.force_output_tokens}
+    # The reference request: the first selected sample at the full config (stable across shards and resumes).
+    reference = (samples[0], backend.space.full())
+    protocol = _agree_on_protocol(store, config, reference, device, backend.name)
     # Warm-up: the costliest and cheapest configs, so kernels/allocations of both extremes are ready.
     warm_configs = [backend.space.full(), backend.space.minimal()]
     for i in range(config.warmup):
         s = todo[0].sample
         backend.answer(s, warm_configs[i % 2], max_new_tokens=s.max_new_tokens, **answer_kwargs)
+    if protocol is not None and not protocol.device:
+        protocol = _calibrate(backend, protocol, reference, config, answer_kwargs, device, store)
 
     buffer: list[ProfileRow] = []
 
@@ -194,7 +331,7 @@ def run_sweep(
 
     try:
         for item in tqdm(todo, desc=f"profile {config.backend} shard {config.shard}/{config.num_shards}", disable=not progress):
-            result = backend.answer(item.sample, item.config, max_new_tokens=item.sample.max_new_tokens, **answer_kwargs)
+            result = timed_answer(backend, item, protocol, reference, answer_kwargs)
             accuracy = score_fn(result.text, item.sample.answers) if score_fn is not None else math.nan
             buffer.append(make_row(item, result, accuracy, backend.name, device))
             if len(buffer) >= config.flush_every:

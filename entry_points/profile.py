@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -15,7 +15,7 @@ from core import profile_plots
 from core.knobs import active_blocks
 from core.profile_schema import decode_list
 from core.profile_store import ProfileStore
-from core.profiler import ProfileSweepConfig, run_sweep
+from core.profiler import ProfileSweepConfig, load_protocol, run_sweep
 from core.vlm_backend import BACKENDS, load_backend
 from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_figure, log_json
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
@@ -48,6 +48,9 @@ class Params:
     prompt_lengths: str = "16,64"  # molmoe_arch probe prompts (text tokens)
     force_output_tokens: int = 0  # > 0: answers of exactly this length (molmoe_arch default 8)
     num_threads: int = 2
+    timing_repeats: int = 1  # answers per row; the row holds their per-component medians
+    drift_reference: bool = False  # rescale each repeat by a reference request timed just before it (noisy CPUs)
+    engine: str = "eager"  # molmoe_arch: eager | graph (StaticCache + CUDA-graph replay)
 
 
 def _names(text: str) -> list[str]:
@@ -63,6 +66,14 @@ def validate(params: Params) -> None:
         unknown = [d for d in _names(params.dataset_names) if d not in DATASETS]
         if unknown or not _names(params.dataset_names):
             raise ValueError(f"dataset_names: unknown data set(s) {unknown} (known: {', '.join(DATASETS)})")
+    if params.timing_repeats < 1:
+        raise ValueError(f"timing_repeats={params.timing_repeats} must be >= 1")
+    from core.molmoe_arch import ENGINES
+
+    if params.engine not in ENGINES:
+        raise ValueError(f"engine={params.engine!r} is unknown (choose from: {', '.join(ENGINES)})")
+    if params.engine != "eager" and params.backend != "molmoe_arch":
+        raise ValueError(f"engine={params.engine!r} applies to backend=molmoe_arch only")
     if params.num_samples < 1 or params.num_runs < 1:
         raise ValueError(f"num_samples ({params.num_samples}) and num_runs ({params.num_runs}) must be >= 1")
     if not 0 <= params.shard < params.num_shards:
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from core.molmoe_arch import synthetic_latency_samples
 
-            backend = load_backend("molmoe_arch", params.device, size=params.size)
+            backend = load_backend("molmoe_arch", params.device, size=params.size, engine=params.engine)
             forced = params.force_output_tokens or 8
             name = f"latency_probe_out{forced}"
             lengths = [int(x) for x in _names(params.prompt_lengths)]
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             backend=params.backend, dataset_names=tuple(names), num_samples=params.num_samples,
             num_runs=params.num_runs, shard=params.shard, num_shards=params.num_shards, seed=params.seed,
             warmup=params.warmup, flush_every=params.flush_every, force_output_tokens=forced,
+            timing_repeats=params.timing_repeats, drift_reference=params.drift_reference,
         )
         start = time.perf_counter()
         summary = run_sweep(backend, samples, config, store, score_fn)
@@ -166,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             "median_T_total_ms": float(table["T_total_ms"].median()),
         }
         mlflow.log_metrics(metrics)
+        protocol = load_protocol(store)
+        if protocol is not None:
+            mlflow.log_dict(asdict(protocol), "timing_protocol.json")
         log_json({"sweep": params_as_dict(params), "drop_order": drop_order, "datasets": names,
                   "rows": len(table), "median_cv_T_total_ms": median_cv}, "profile_summary.json")
     print(

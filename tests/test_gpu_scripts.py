@@ -1,4 +1,5 @@
-"""The device-side scripts (core only, no MLflow) run end to end on a CPU with the tiny molmoe_arch."""
+"""The device-side scripts (core only, no MLflow) run end to end on a CPU with the tiny molmoe_arch
+(and the CPU timing diagnostic with the committed base VLM)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,24 @@ def test_timing_noise_script_reports_both_schedules(tmp_path: Path):
     for stats in report["interleaved"].values():
         assert stats["T_total_ms"]["median"] > 0 and stats["T_total_ms"]["cv"] >= 0
     assert "interleaved" in out
+
+
+def test_timing_noise_script_checks_the_graph_engine_against_eager(tmp_path: Path):
+    out = _run("gpu_timing_noise.py", "--size", "tiny", "--repeats", "2", "--engine", "graph", "--compare-eager",
+               "--out", str(tmp_path))
+    report = json.loads((tmp_path / "timing_noise_graph.json").read_text())
+    assert report["engine"] == "graph" and report["one_request_wall_ms"] > 0
+    assert report["tokens_match_eager"] == {key: True for key in report["back_to_back"]}
+    assert "graph tokens equal eager tokens" in out
+
+
+def test_cpu_timing_noise_script_reports_burst_and_pass_spread(tmp_path: Path):
+    _run("cpu_timing_noise.py", "--items", "3", "--repeats", "2", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "cpu_timing_noise.json").read_text())
+    assert (report["items"], report["repeats"], report["passes"]) == (3, 2, 2)
+    for stats in report["components"].values():
+        assert stats["within_burst_cv"] >= 0 and stats["pass_gap_single"] >= 0 and stats["pass_gap_median_of_repeats"] >= 0
+    assert report["components"]["T_total_ms"]["within_burst_cv"] > 0  # real timings: never exactly equal
 
 
 def test_gpu_profile_script_writes_a_resumable_store(tmp_path: Path):

@@ -16,7 +16,8 @@ from core.profile_plots import (
 )
 from core.profile_schema import row_keys
 from core.profile_store import ProfileStore
-from core.profiler import ProfileSweepConfig, plan_work, run_sweep, shard_of
+from core.knobs import KnobConfig
+from core.profiler import ProfileSweepConfig, load_protocol, plan_work, run_sweep, shard_of
 from tests.test_molmoe_arch import probe_samples, tiny_backend
 
 # One shard of five keeps the test small (~15 configs) while still walking the real grid.
@@ -146,3 +147,75 @@ def test_profile_plots_and_their_tables(reference):
     assert len(cv) == len(df) // 2 and (cv["T_total_ms"] >= 0).all()  # two runs per (sample, config)
     for fig in (plot_accuracy_latency_pareto(df), plot_latency_by_knob(df), plot_repeatability(df)):
         assert fig.axes
+
+
+class DriftingSpeedBackend:
+    """The tiny backend with its timings replaced by cost(config) x a machine speed. The speed moves
+    to the next value of `speeds` whenever the reference request (sample probe_a:test:0 at the full
+    config) is answered, so a drift-reference answer and the row answer after it share one speed."""
+
+    def __init__(self, inner, speeds=(1.0, 2.0, 3.0)) -> None:
+        self.inner, self.speeds, self.moves = inner, speeds, 0
+        self.name, self.space, self.device = inner.name, inner.space, inner.device
+
+    def set_drop_order(self, order) -> None:
+        self.inner.set_drop_order(order)
+
+    @staticmethod
+    def cost(config) -> float:
+        return 1.0 + ("low", "medium", "high").index(config.tier) + config.top_k / 4 + config.num_active_blocks / 8
+
+    def answer(self, sample, config, max_new_tokens=None, force_output_tokens=None):
+        if sample.sample_id == "probe_a:test:0" and config == self.space.full():
+            self.moves += 1
+        speed = self.speeds[self.moves % len(self.speeds)]
+        r = self.inner.answer(sample, config, max_new_tokens=max_new_tokens, force_output_tokens=force_output_tokens)
+        base = self.cost(config) * speed
+        return replace(r, T_vision_ms=base, T_prefill_ms=2 * base, T_decode_ms=3 * base)
+
+
+DRIFT_SWEEP = {**SWEEP, "num_shards": 25, "num_runs": 1, "calibration_answers": 3}
+
+
+def test_drift_reference_removes_a_drifting_machine_speed(tmp_path):
+    store, backend = ProfileStore(tmp_path / "drift"), DriftingSpeedBackend(tiny_backend())
+    config = ProfileSweepConfig(**DRIFT_SWEEP, timing_repeats=2, drift_reference=True)
+    run_sweep(backend, samples_by_dataset(), config, store, None, progress=False)
+    protocol = load_protocol(store)
+    assert (protocol.timing_repeats, protocol.drift_reference, protocol.calibration_answers) == (2, True, 3)
+    assert (protocol.reference_sample_id, protocol.reference_config) == ("probe_a:test:0", "high-k8-b16")
+    full_cost = DriftingSpeedBackend.cost(tiny_backend().space.full())
+    # Calibration saw speeds 1, 2, 3 (in some order): its median speed, 2, is the table's scale.
+    assert protocol.reference_T_total_ms == pytest.approx(6 * 2 * full_cost)
+    df = store.load()
+    # The reference's own row moves the speed between its pair of answers; every other row is exact.
+    df = df[~((df["sample_id"] == "probe_a:test:0") & (df["tier"] == "high") & (df["top_k"] == 8) & (df["num_active_blocks"] == 16))]
+    cost = pd.Series([DriftingSpeedBackend.cost(KnobConfig(t, k, b))
+                      for t, k, b in df[["tier", "top_k", "num_active_blocks"]].itertuples(index=False)]).to_numpy()
+    assert len(df) > 5 and backend.moves >= 3 + 2 * len(df)  # the speed really moved between rows
+    assert df["T_prefill_ms"].to_numpy() == pytest.approx(2 * 2 * cost)
+    assert df["T_total_ms"].to_numpy() == pytest.approx(6 * 2 * cost)
+    assert df["T_decode_per_token_ms"].to_numpy() == pytest.approx(3 * 2 * cost / 2)  # 3 output tokens
+
+
+def test_a_table_never_mixes_timing_protocols(tmp_path):
+    backend = DriftingSpeedBackend(tiny_backend())
+    drift = ProfileStore(tmp_path / "drift")
+    run_sweep(backend, samples_by_dataset(), ProfileSweepConfig(**DRIFT_SWEEP, timing_repeats=2, drift_reference=True),
+              drift, None, progress=False)
+    more_runs = {**DRIFT_SWEEP, "num_runs": 2}
+    with pytest.raises(ValueError, match=r"timed with timing_repeats=2, drift_reference=True \(timing_protocol.json\): "
+                                         "resume with the same settings"):
+        run_sweep(backend, samples_by_dataset(), ProfileSweepConfig(**more_runs, timing_repeats=3, drift_reference=True),
+                  drift, None, progress=False)
+    before = len(drift.load())
+    summary = run_sweep(backend, samples_by_dataset(), ProfileSweepConfig(**more_runs, timing_repeats=2, drift_reference=True),
+                        drift, None, progress=False)  # the same protocol resumes, with the stored calibration
+    assert summary.rows_skipped == before and len(drift.load()) == 2 * before
+
+    plain = ProfileStore(tmp_path / "plain")
+    run_sweep(backend, samples_by_dataset(), ProfileSweepConfig(**DRIFT_SWEEP), plain, None, progress=False)
+    with pytest.raises(ValueError, match="holds rows timed with one answer per row"):
+        run_sweep(backend, samples_by_dataset(), ProfileSweepConfig(**more_runs, timing_repeats=2), plain, None, progress=False)
+    with pytest.raises(ValueError, match="timing_repeats \\(0\\)"):
+        ProfileSweepConfig(**DRIFT_SWEEP, timing_repeats=0)
