@@ -62,17 +62,40 @@ FEATURES: tuple[str, ...] = (
     "log_top_k",
     "log_blocks",
 )
+# Step ramps. Knobs take few values and their latency steps are irregular (kernel shapes: on the
+# H200 graph table the top_k steps cost +0.14 / +0.07 / +0.17 / +0.03 ms per decode token), which an
+# MLP of the numeric knob smooths over (1% decode error there, 0.5% with these). Ramp j of a knob
+# rises from 0 to 1 between its (j-1)-th and j-th distinct value in training (`knob_levels`, stored
+# with the model): 0/1 steps on every trained value, and a value never seen in training (the
+# held-out config) lies part-way up the ramp of the step it falls in, i.e. it interpolates.
+STEP_LEVELS = 4  # indicators per knob: the knob spaces have 5 top_k and 5 block options
+STEP_KNOBS: tuple[str, ...] = ("top_k", "num_active_blocks")
+FEATURES = FEATURES + tuple(f"{knob}_step_{j}" for knob in STEP_KNOBS for j in range(1, STEP_LEVELS + 1)) + (
+    "tier_step_1", "tier_step_2")
 TARGETS: tuple[str, ...] = ("T_vision_ms", "T_prefill_ms", "T_decode_per_token_ms")
 QUANTILE_SUFFIX = "_p90"
 OUTPUT_COLUMNS: tuple[str, ...] = TARGETS + tuple(f"{t}{QUANTILE_SUFFIX}" for t in TARGETS)
 LOSSES: tuple[str, ...] = ("log_mse", "rel_l1", "mse")
 KNOBS: tuple[str, ...] = ("tier", "top_k", "num_active_blocks")
 GROUP_COLUMNS: tuple[str, ...] = ("sample_id",) + KNOBS
-CHECKPOINT_FORMAT = "latency-estimator/1"
+CHECKPOINT_FORMAT = "latency-estimator/2"  # /2: step-ramp features and their ends
 _DECODE = TARGETS.index("T_decode_per_token_ms")
 _NUMPY_MAX_ROWS = 256  # below this a numpy forward beats torch's dispatch overhead
 _TORCH_CHUNK_ROWS = 8192  # activations of one chunk stay in cache
 _TRAIN_METRIC_GROUPS = 8192  # at most this many training (sample, config) groups feed the per-epoch train_ metrics
+
+
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def epoch_lr(config: "EstimatorConfig", epoch: int) -> float:
+    """The learning rate of `epoch` (1-based). A closed form of (epoch, num_epochs), so a resumed or
+    extended run needs no scheduler state."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    floor = config.lr / 100
+    progress = (epoch - 1) / max(config.num_epochs - 1, 1)
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class EstimatorError(ValueError):
@@ -86,10 +109,16 @@ class EstimatorConfig:
     hidden_width: int = 128
     depth: int = 3  # hidden layers
     lr: float = 1e-3  # Adam
+    # "cosine": each epoch's lr follows a half cosine from lr down to lr / 100 (small tables get few
+    # steps; a decayed lr settles where a constant one keeps jittering); "constant": lr throughout.
+    lr_schedule: str = "cosine"
     weight_decay: float = 1e-5
     batch_size: int = 64
     num_epochs: int = 50
-    loss: str = "log_mse"  # "log_mse": MSE of standardised log ms; "rel_l1": mean |pred/true - 1|; "mse": MSE of ms / train std
+    # "rel_l1": mean |pred/true - 1|, the held-out metric (MAPE) itself, and robust to timing noise,
+    # which is skewed towards slow rows; "log_mse": MSE of standardised log ms (a geometric-mean fit,
+    # pulled by the slow tail); "mse": MSE of ms / train std.
+    loss: str = "rel_l1"
     quantile: float = 0.9  # upper-quantile head, pinball loss in log space
     train_split: float = 0.8  # share of samples for training (+ validation) in the splits
     seed: int = 0
@@ -106,6 +135,8 @@ class EstimatorConfig:
             raise EstimatorError(f"parameter lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise EstimatorError(f"parameter weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise EstimatorError(f"parameter lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.loss not in LOSSES:
             raise EstimatorError(f"parameter loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if not 0 < self.quantile < 1:
@@ -184,8 +215,25 @@ def raw_matrix(df: pd.DataFrame) -> np.ndarray:
     return raw
 
 
-def features_from_raw(raw: np.ndarray) -> np.ndarray:
-    """FEATURES (N, F) float32 from RAW_COLUMNS values (N, 6), tier as an index."""
+def knob_levels(raw: np.ndarray) -> np.ndarray:
+    """(len(STEP_KNOBS), STEP_LEVELS + 1) ramp ends from training rows' RAW_COLUMNS: each knob's lowest
+    value, then its distinct values above it (evenly thinned if there are more than STEP_LEVELS),
+    +inf where a knob has fewer (such a ramp is always 0: a constant the scaler ignores)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    levels = np.full((len(STEP_KNOBS), STEP_LEVELS + 1), np.inf)
+    for i, knob in enumerate(STEP_KNOBS):
+        values = np.unique(raw[:, RAW_COLUMNS.index(knob)])
+        above = values[1:]
+        if len(above) > STEP_LEVELS:
+            above = above[np.linspace(0, len(above) - 1, STEP_LEVELS).round().astype(int)]
+        levels[i, 0] = values[0]
+        levels[i, 1: 1 + len(above)] = above
+    return levels
+
+
+def features_from_raw(raw: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """FEATURES (N, F) float32 from RAW_COLUMNS values (N, 6), tier as an index, and the step ramps'
+    ends (`knob_levels` of the training rows)."""
     raw = np.asarray(raw, dtype=np.float64)
     vision, text, crops, tier, top_k, blocks = (raw[:, j] for j in range(len(RAW_COLUMNS)))
     tokens = vision + text
@@ -194,12 +242,19 @@ def features_from_raw(raw: np.ndarray) -> np.ndarray:
     for j, values in enumerate((vision, text, crops, tier, top_k, blocks, blocks * top_k, blocks * tokens,
                                 np.log1p(vision), np.log1p(tokens), np.log1p(top_k), np.log1p(blocks))):
         out[:, j] = values
+    j = 12
+    for knob_values, ends in zip((top_k, blocks), np.asarray(levels, dtype=np.float64)):
+        for low, high in zip(ends[:-1], ends[1:]):
+            out[:, j] = np.clip((knob_values - low) / (high - low), 0.0, 1.0) if np.isfinite(high) else 0.0
+            j += 1
+    out[:, j] = tier >= 1
+    out[:, j + 1] = tier >= 2
     return out
 
 
-def feature_matrix(df: pd.DataFrame) -> np.ndarray:
-    """FEATURES (N, F) float32 of every row of `df` (needs RAW_COLUMNS)."""
-    return features_from_raw(raw_matrix(df))
+def feature_matrix(df: pd.DataFrame, levels: np.ndarray) -> np.ndarray:
+    """FEATURES (N, F) float32 of every row of `df` (needs RAW_COLUMNS), step-ramp ends `levels`."""
+    return features_from_raw(raw_matrix(df), levels)
 
 
 def target_arrays(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -366,6 +421,7 @@ class LatencyEstimator(nn.Module):
             fan_in = width
         self.trunk = nn.Sequential(*layers)
         self.head = nn.Linear(width, 2 * len(TARGETS))
+        self.register_buffer("knob_levels", torch.full((len(STEP_KNOBS), STEP_LEVELS + 1), math.inf, dtype=torch.float64))
         self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
         self.register_buffer("feature_std", torch.ones(len(FEATURES)))
         self.register_buffer("target_log_mean", torch.zeros(len(TARGETS)))
@@ -376,8 +432,10 @@ class LatencyEstimator(nn.Module):
 
     # scalers -----------------------------------------------------------------------------------
     def fit_scalers(self, train_df: pd.DataFrame) -> "LatencyEstimator":
-        """Fit feature mean/std and log-target mean/std on `train_df` (training rows only)."""
-        features = feature_matrix(train_df).astype(np.float64)
+        """Fit step-ramp ends, feature mean/std and log-target mean/std on `train_df` (training rows only)."""
+        raw = raw_matrix(train_df)
+        self.knob_levels.copy_(torch.as_tensor(knob_levels(raw)))
+        features = features_from_raw(raw, self.levels).astype(np.float64)
         y, mask = target_arrays(train_df)
         mean, std = features.mean(axis=0), features.std(axis=0)
         # A feature constant in training (e.g. one prompt length) carries no information there; an
@@ -395,6 +453,15 @@ class LatencyEstimator(nn.Module):
             self.target_scale_ms[j] = float(values.std()) if values.std() > 1e-12 else float(values.mean())
         self._numpy_params = None
         return self
+
+    @property
+    def levels(self) -> np.ndarray:
+        """The step ramps' ends (`knob_levels` of the training rows)."""
+        return self.knob_levels.detach().cpu().numpy()
+
+    def features(self, df: pd.DataFrame) -> np.ndarray:
+        """FEATURES of `df`'s rows under this model's step thresholds."""
+        return feature_matrix(df, self.levels)
 
     def standardise(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(features, dtype=torch.float32, device=self.feature_mean.device)
@@ -463,7 +530,7 @@ class LatencyEstimator(nn.Module):
         (three points, then three upper quantiles). Small batches run in numpy, large in torch."""
         if self.training:
             self.eval()
-        features = features_from_raw(raw)
+        features = features_from_raw(raw, self.levels)
         return self._forward_numpy(features) if len(features) <= _NUMPY_MAX_ROWS else self._forward_torch(features)
 
     def predict_frame(self, df_configs: pd.DataFrame) -> pd.DataFrame:
@@ -481,7 +548,7 @@ class LatencyEstimator(nn.Module):
         if self.training:
             self.eval()
         raw = np.array([[vision_tokens, text_tokens, crops, TIERS.index(tier), top_k, num_active_blocks]], dtype=np.float64)
-        values = self._forward_numpy(features_from_raw(raw))[0]
+        values = self._forward_numpy(features_from_raw(raw, self.levels))[0]
         out = dict(zip(OUTPUT_COLUMNS, values.tolist()))
         if output_tokens is not None:
             steps = max(int(output_tokens) - 1, 0)
@@ -584,7 +651,7 @@ class _Tensors:
         mean, std = model.target_log_mean.cpu().double().numpy(), model.target_log_std.cpu().double().numpy()
         y_z = np.where(mask, (log_y - mean) / std, 0.0)
         as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-        return cls(model.standardise(feature_matrix(df)).to(device), as_tensor(y_z), as_tensor(y), as_tensor(mask))
+        return cls(model.standardise(model.features(df)).to(device), as_tensor(y_z), as_tensor(y), as_tensor(mask))
 
 
 def _loss(model: LatencyEstimator, config: EstimatorConfig, x: torch.Tensor, y_z: torch.Tensor, y_ms: torch.Tensor,
@@ -719,6 +786,8 @@ def _train(train_df: pd.DataFrame, val_df: pd.DataFrame, config: EstimatorConfig
                   initial=start_epoch, total=config.num_epochs)
     for epoch in epochs:
         started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(config, epoch)
         model.train()
         order = torch.randperm(n_train, generator=shuffle_rng).to(device)
         # One gather per epoch, then contiguous slices: cheaper than indexing every batch.
@@ -804,6 +873,6 @@ def evaluate_predictor(predictor: Predictor, df: pd.DataFrame, prefix: str = "te
 __all__ = [
     "EstimatorConfig", "EstimatorError", "EstimatorSplit", "FEATURES", "GROUP_COLUMNS", "LatencyEstimator",
     "OUTPUT_COLUMNS", "RAW_COLUMNS", "TARGETS", "add_total", "aggregate_runs", "evaluate_predictor",
-    "feature_matrix", "features_from_raw", "knob_options", "load_profile_table", "predict_groups",
+    "feature_matrix", "features_from_raw", "knob_levels", "knob_options", "load_profile_table", "predict_groups",
     "prepare_table", "raw_matrix", "split_by_sample", "split_heldout_config", "target_arrays", "train_estimator",
 ]

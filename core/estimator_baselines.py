@@ -20,10 +20,13 @@ from core.estimator import (
     FEATURES,
     OUTPUT_COLUMNS,
     QUANTILE_SUFFIX,
+    STEP_KNOBS,
+    STEP_LEVELS,
     TARGETS,
     EstimatorError,
     add_total,
     features_from_raw,
+    knob_levels,
     prepare_table,
     raw_matrix,
     target_arrays,
@@ -47,6 +50,7 @@ class _LeastSquaresBaseline:
             raise EstimatorError(f"parameter quantile must lie in (0, 1), got {quantile}")
         self.quantile = quantile
         self.coef_: dict[str, np.ndarray] = {}
+        self.levels_ = np.full((len(STEP_KNOBS), STEP_LEVELS + 1), np.inf)
         self.upper_ratio_: dict[str, float] = {}
 
     def _design(self, raw: np.ndarray, target: str) -> np.ndarray:
@@ -56,6 +60,7 @@ class _LeastSquaresBaseline:
         """Least squares per component on the rows of `train_df` (validated); returns self."""
         train_df = prepare_table(train_df, f"{self.name} train_df")
         raw = raw_matrix(train_df)
+        self.levels_ = knob_levels(raw)  # the step ramps' ends, as the MLP fits them
         y, mask = target_arrays(train_df)
         for j, target in enumerate(TARGETS):
             rows = mask[:, j]
@@ -100,7 +105,7 @@ class LinearBaseline(_LeastSquaresBaseline):
     name = "linear baseline"
 
     def _design(self, raw: np.ndarray, target: str) -> np.ndarray:
-        features = features_from_raw(raw).astype(np.float64)
+        features = features_from_raw(raw, self.levels_).astype(np.float64)
         return np.hstack([features, np.ones((len(features), 1))])
 
     @property

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import mlflow
 
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
-from tracking.registry import promote, require_model
+from tracking.registry import newest_data_digest, promote, require_model
 from tracking.run_context import entry_point_run
 from tracking.store import configure_tracking
 
@@ -30,6 +30,9 @@ class Params:
     alias: str = "champion"
     version: str = ""  # empty: the best version; else promote this one
     force: bool = False
+    # Which versions compete: "newest" = those trained on the same table (data_digest tag) as the
+    # newest version, "all" = every version, or a data_digest value.
+    table: str = "newest"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +45,20 @@ def main(argv: list[str] | None = None) -> int:
         if params.model_name not in DEFAULT_METRICS:
             raise ValueError(f"metric: no default for model {params.model_name!r}; pass -P metric=<held-out metric>")
         params.metric = DEFAULT_METRICS[params.model_name]
+    digest = None if params.table == "all" else (
+        newest_data_digest(params.model_name, params.metric) if params.table == "newest" else params.table)
     with entry_point_run("promote", params_as_dict(params), run_name=f"promote-{params.model_name}") as run:
         result = promote(
-            params.model_name, params.metric, params.mode, params.alias, params.version or None, params.force
+            params.model_name, params.metric, params.mode, params.alias, params.version or None, params.force, digest
         )
-        mlflow.set_tags({"promoted_model": params.model_name, "promoted_version": result.version, "changed": str(result.changed)})
+        mlflow.set_tags({"promoted_model": params.model_name, "promoted_version": result.version, "changed": str(result.changed),
+                         "compared_table": digest if digest is not None else "all"})
         mlflow.log_metric(f"promoted_{params.metric}", result.value)
         verb = "moved" if result.changed else "kept"
         print(
             f"promote: {verb} {params.model_name}@{params.alias} -> version {result.version} "
-            f"({params.metric}={result.value:.6g}; previous: {result.previous_champion or 'none'}); run {run.info.run_id}"
+            f"({params.metric}={result.value:.6g}; previous: {result.previous_champion or 'none'}; compared: "
+            f"{'every version' if digest is None else 'versions trained on table ' + (digest or '(untagged)')}); run {run.info.run_id}"
         )
     return 0
 

@@ -56,13 +56,14 @@ class Params:
     batch_size: int = 64
     num_epochs: int = 50
     lr: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine (lr -> lr/100 over the epochs) | constant
     train_split: float = 0.8  # share of samples for train + val; the rest is the held-out test set
     device: str = "cpu"
     seed: int = 0
     hidden_width: int = 128
     depth: int = 3
     weight_decay: float = 1e-5
-    loss: str = "log_mse"  # log_mse | rel_l1 | mse
+    loss: str = "rel_l1"  # rel_l1 (mean |pred/true - 1|: MAPE itself) | log_mse | mse
     quantile: float = 0.9  # the upper-quantile head (guardrails read its P90)
     heldout_knob: str = "top_k"  # the held-out-config split never trains on one value of this knob
     heldout_value: str = ""  # empty: the middle option of the knob
@@ -81,6 +82,7 @@ SEARCH_SPACE = [
     FloatParam("lr", 1e-4, 1e-2, log=True),
     FloatParam("weight_decay", 1e-7, 1e-3, log=True),
     CategoricalParam("loss", ("log_mse", "rel_l1", "mse")),
+    CategoricalParam("lr_schedule", ("cosine", "constant")),
 ]
 # Not val_loss: its scale depends on the loss kind, which the search varies.
 OBJECTIVE = Objective(metric="val_rel_error_mean", direction="minimize")
@@ -98,7 +100,8 @@ def dataset_list(text: str) -> list[str] | None:
 
 def estimator_config(params: Params) -> EstimatorConfig:
     return EstimatorConfig(
-        hidden_width=params.hidden_width, depth=params.depth, lr=params.lr, weight_decay=params.weight_decay,
+        hidden_width=params.hidden_width, depth=params.depth, lr=params.lr, lr_schedule=params.lr_schedule,
+        weight_decay=params.weight_decay,
         batch_size=params.batch_size, num_epochs=params.num_epochs, loss=params.loss, quantile=params.quantile,
         train_split=params.train_split, seed=params.seed, device=params.device,
     ).validate()

@@ -22,7 +22,9 @@ from core.estimator import (
     EstimatorError,
     LatencyEstimator,
     evaluate_predictor,
+    epoch_lr,
     feature_matrix,
+    knob_levels,
     load_profile_table,
     predict_groups,
     prepare_table,
@@ -139,13 +141,28 @@ def test_heldout_config_rejects_a_value_outside_the_knob_space(table):
 # --- training --------------------------------------------------------------------------------------
 def test_scalers_are_fitted_on_training_rows_only(trained, table):
     split, model, _, _ = trained
-    train_mean = feature_matrix(split.train).astype(np.float64).mean(axis=0)
-    all_mean = feature_matrix(table).astype(np.float64).mean(axis=0)
+    train_mean = feature_matrix(split.train, model.levels).astype(np.float64).mean(axis=0)
+    all_mean = feature_matrix(table, model.levels).astype(np.float64).mean(axis=0)
     np.testing.assert_allclose(model.feature_mean.numpy(), train_mean, rtol=1e-5)
     text = FEATURES.index("text_tokens")
     assert abs(all_mean[text] - train_mean[text]) > 1e-3 * train_mean[text]  # the check can tell them apart
     log_prefill = np.log(split.train["T_prefill_ms"]).mean()
     assert model.target_log_mean[1].item() == pytest.approx(log_prefill, rel=1e-5)
+
+
+def test_step_ramps_follow_the_training_values_of_each_knob(table):
+    split = split_heldout_config(table, knob="top_k")  # top_k 8 never in training
+    model, _ = train_estimator(split.train, split.val, replace(FAST, num_epochs=1))
+    np.testing.assert_array_equal(model.levels, [[4, 6, 10, 12, np.inf], [8, 10, 12, 14, 16]])
+    steps = [FEATURES.index(f"top_k_step_{j}") for j in range(1, 5)]
+    rows = split.test.head(1)
+    features = lambda **knobs: feature_matrix(rows.assign(**knobs), model.levels)[0, steps].tolist()  # noqa: E731
+    assert features(top_k=4) == [0, 0, 0, 0] and features(top_k=10) == [1, 1, 0, 0] and features(top_k=12) == [1, 1, 1, 0]
+    assert features(top_k=8) == [1, 0.5, 0, 0]  # the unseen value lies half-way up the 6 -> 10 step
+    assert np.isinf(model.feature_std[steps[3]].item())  # a ramp never on in training is a constant
+    assert knob_levels(np.array([[0, 0, 0, 0, k, 8] for k in range(1, 11)], dtype=float))[0].tolist() == [1, 2, 5, 7, 10]
+    tiers = [FEATURES.index("tier_step_1"), FEATURES.index("tier_step_2")]
+    assert feature_matrix(rows.assign(tier="high"), model.levels)[0, tiers].tolist() == [1, 1]
 
 
 def test_a_feature_constant_in_training_is_ignored_at_prediction():
@@ -154,7 +171,7 @@ def test_a_feature_constant_in_training_is_ignored_at_prediction():
     model, _ = train_estimator(train, val, replace(FAST, num_epochs=1))
     assert np.isinf(model.feature_std[FEATURES.index("text_tokens")].item())
     # whatever text length comes later, that input reads 0 (the training mean) in standardised units
-    standardised = model.standardise(feature_matrix(val.assign(text_tokens=1000)))
+    standardised = model.standardise(model.features(val.assign(text_tokens=1000)))
     assert (standardised[:, FEATURES.index("text_tokens")] == 0).all()
     assert torch.isfinite(standardised).all()
 
@@ -182,11 +199,22 @@ def test_history_has_the_seed_metric_names_and_feeds_the_callback(trained):
     assert model.meta["best_epoch"] == 1 + int(np.argmin([r["val_loss"] for r in history]))
 
 
+def test_cosine_schedule_anneals_the_learning_rate_each_epoch(trained):
+    _, _, history, _ = trained
+    lrs = [r["lr"] for r in history]
+    assert lrs[0] == pytest.approx(FAST.lr) and lrs[-1] == pytest.approx(FAST.lr / 100)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs == pytest.approx([epoch_lr(FAST, e) for e in range(1, FAST.num_epochs + 1)])
+    assert epoch_lr(replace(FAST, lr_schedule="constant"), 7) == FAST.lr
+    with pytest.raises(EstimatorError, match="parameter lr_schedule must be one of"):
+        replace(FAST, lr_schedule="step").validate()
+
+
 def test_training_restores_the_best_val_loss_weights_and_checkpoints(tmp_path):
     table = synthetic_profile(num_samples=8, num_runs=1, seed=1)
     train, val, _ = split_by_sample(table, 0.8, seed=0)
-    # A learning rate this high makes val loss jump around, so the last epoch is not the best.
-    config = replace(FAST, num_epochs=10, lr=0.05)
+    # A constant learning rate this high makes val loss jump around, so the last epoch is not the best.
+    config = replace(FAST, num_epochs=10, lr=0.03, lr_schedule="constant", loss="log_mse")
     model, history = train_estimator(train, val, config, checkpoint_dir=tmp_path)
     losses = [r["val_loss"] for r in history]
     best_epoch = 1 + int(np.argmin(losses))
@@ -203,7 +231,16 @@ def test_resume_continues_where_the_checkpoint_stopped(tmp_path):
     train, val, _ = split_by_sample(table, 0.8, seed=0)
     config = replace(FAST, num_epochs=4)
     _, straight = train_estimator(train, val, config)
-    train_estimator(train, val, replace(config, num_epochs=2), checkpoint_dir=tmp_path)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_epoch_2(record: dict) -> None:
+        if record["epoch"] == 2:
+            raise Interrupted  # the process dies after epoch 2's checkpoint was written
+
+    with pytest.raises(Interrupted):
+        train_estimator(train, val, config, on_epoch=stop_after_epoch_2, checkpoint_dir=tmp_path)
     _, resumed = train_estimator(train, val, config, checkpoint_dir=tmp_path, resume=True)
     assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["val_loss"] for r in resumed], [r["val_loss"] for r in straight], rtol=1e-5)

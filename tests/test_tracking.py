@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from tracking.artifacts import log_dataset_input
 from tracking.cli import exit_on_input_error, parse_params
 from tracking.epoch_logging import EpochLogger
-from tracking.registry import RegistryError, promote, version_by_alias
+from tracking.registry import RegistryError, newest_data_digest, promote, version_by_alias
 from tracking.run_context import entry_point_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +75,11 @@ class _Constant(mlflow.pyfunc.PythonModel):
         return model_input
 
 
-def _register_version(name: str, metric_value: float) -> str:
+def _register_version(name: str, metric_value: float, data_digest: str | None = None) -> str:
     with mlflow.start_run() as run:
         mlflow.log_metric("test_mae", metric_value)
+        if data_digest is not None:
+            mlflow.set_tag("data_digest", data_digest)
         mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=["mlflow"])
     return mlflow.register_model(f"runs:/{run.info.run_id}/model", name).version
 
@@ -98,6 +100,23 @@ def test_promote_picks_the_best_version_tags_it_and_refuses_a_worse_one(tracking
     forced = promote("toy", "test_mae", "min", version=str(worse), force=True)
     assert forced.previous_champion == str(best)
     assert version_by_alias("toy", "champion") == str(worse)
+
+
+def test_promote_compares_only_versions_trained_on_one_table(tracking_store):
+    mlflow.set_experiment("registry-test")
+    other_table = _register_version("per-table", 0.5, data_digest="cpu-table")  # easier table, better figure
+    promote("per-table", "test_mae", "min", data_digest="cpu-table")
+    _register_version("per-table", 3.0, data_digest="gpu-table")
+    best_gpu = _register_version("per-table", 2.0, data_digest="gpu-table")
+    assert newest_data_digest("per-table", "test_mae") == "gpu-table"
+    # The champion trained on the CPU table is no rival: the alias moves to the best GPU-table version.
+    result = promote("per-table", "test_mae", "min", data_digest="gpu-table")
+    assert result.version == str(best_gpu) and result.changed and result.previous_champion == str(other_table)
+    assert result.previous_value is None
+    # Compared across tables, the CPU-table version would win and the GPU one would be refused.
+    assert promote("per-table", "test_mae", "min", force=True).version == str(other_table)
+    with pytest.raises(RegistryError, match=r"version 1 of 'per-table' does not exist or lacks metric 'test_mae' \(among versions trained on table gpu-table\)"):
+        promote("per-table", "test_mae", "min", version=str(other_table), data_digest="gpu-table")
 
 
 def test_promote_unknown_model_is_a_clear_error(tracking_store):

@@ -55,20 +55,31 @@ class CandidateVersion:
     version: str
     run_id: str
     value: float
+    data_digest: str = ""  # the source run's `data_digest` tag: which table it was trained and scored on
 
 
-def candidate_versions(name: str, metric: str) -> list[CandidateVersion]:
-    """Every version of `name` whose source run logged `metric` (held out), with its value."""
+def candidate_versions(name: str, metric: str, data_digest: str | None = None) -> list[CandidateVersion]:
+    """Every version of `name` whose source run logged `metric` (held out), with its value; with
+    `data_digest`, only versions whose run was trained on that table."""
     client = MlflowClient()
     require_model(name, client)
     out = []
     for mv in client.search_model_versions(f"name = '{name}'"):
         if not mv.run_id:
             continue
-        value = client.get_run(mv.run_id).data.metrics.get(metric)
-        if value is not None:
-            out.append(CandidateVersion(str(mv.version), mv.run_id, float(value)))
+        run = client.get_run(mv.run_id)
+        value, digest = run.data.metrics.get(metric), run.data.tags.get("data_digest", "")
+        if value is not None and (data_digest is None or digest == data_digest):
+            out.append(CandidateVersion(str(mv.version), mv.run_id, float(value), digest))
     return sorted(out, key=lambda c: int(c.version))
+
+
+def newest_data_digest(name: str, metric: str) -> str:
+    """The table (data_digest tag) of the newest version of `name` that logged `metric`."""
+    candidates = candidate_versions(name, metric)
+    if not candidates:
+        raise RegistryError(f"no version of {name!r} has a logged metric {metric!r}")
+    return candidates[-1].data_digest
 
 
 @dataclass(frozen=True)
@@ -81,22 +92,26 @@ class PromotionResult:
 
 
 def promote(
-    name: str, metric: str, mode: str = "min", alias: str = "champion", version: str | None = None, force: bool = False
+    name: str, metric: str, mode: str = "min", alias: str = "champion", version: str | None = None, force: bool = False,
+    data_digest: str | None = None,
 ) -> PromotionResult:
-    """Move `alias` to the best version by `metric` (or to `version`).
+    """Move `alias` to the best version by `metric` (or to `version`), among the versions trained on
+    table `data_digest` when given (held-out figures of different tables do not compare).
 
-    Refuses (RegistryError) to replace a champion whose metric is better, unless `force`.
+    Refuses (RegistryError) to replace a champion whose metric is better, unless `force`; a
+    champion trained on another table than `data_digest` is not a rival.
     """
     if mode not in ("min", "max"):
         raise RegistryError(f"mode must be 'min' or 'max', got {mode!r}")
-    candidates = candidate_versions(name, metric)
+    candidates = candidate_versions(name, metric, data_digest)
     if not candidates:
         raise RegistryError(f"no version of {name!r} has a logged metric {metric!r}")
     better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
     by_version = {c.version: c for c in candidates}
     if version:
         if version not in by_version:
-            raise RegistryError(f"version {version} of {name!r} does not exist or lacks metric {metric!r}")
+            scope = f" (among versions trained on table {data_digest})" if data_digest is not None else ""
+            raise RegistryError(f"version {version} of {name!r} does not exist or lacks metric {metric!r}{scope}")
         chosen = by_version[version]
     else:
         chosen = min(candidates, key=lambda c: c.value if mode == "min" else -c.value)
