@@ -26,7 +26,7 @@ class Params:
     """Evaluate a latency estimator on held-out rows of a profiling table."""
 
     model: str = "models:/latency-estimator@champion"  # or a train_estimator run id, runs:/ URI, checkpoint file
-    results_dir: str = "data/profiles/h100-molmoe-arch"
+    results_dir: str = "data/profiles/h200-molmoe-arch-graph"
     dataset_names: str = ""  # comma-separated; empty = all
     split: str = "recorded"  # recorded: the training run's test samples (+ held-out config); all: every row
 

@@ -50,7 +50,7 @@ PROMOTION_METRIC = "test_mape_mean"
 class Params:
     """Train the latency estimator on a profiling table (a ProfileStore results directory)."""
 
-    results_dir: str = "data/profiles/h100-molmoe-arch"
+    results_dir: str = "data/profiles/h200-molmoe-arch-graph"
     dataset_names: str = ""  # comma-separated; empty = every data set in results_dir
     output_dir: str = "outputs/estimator"  # checkpoints go to <output_dir>/<run id>/
     batch_size: int = 64

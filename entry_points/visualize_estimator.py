@@ -24,7 +24,7 @@ class Params:
     """Plot a latency estimator's errors on held-out rows and its training curves."""
 
     model: str = "models:/latency-estimator@champion"  # or a train_estimator run id, runs:/ URI, checkpoint file
-    results_dir: str = "data/profiles/h100-molmoe-arch"
+    results_dir: str = "data/profiles/h200-molmoe-arch-graph"
     dataset_names: str = ""
     split: str = "recorded"  # recorded | all (as in evaluate_estimator)
 

@@ -37,7 +37,7 @@ class Params:
     num_days: int = 61
     predictor_epochs: int = 150
     estimator_epochs: int = 10  # a quick demo fit; the full run is -P estimator_epochs=50
-    estimator_results_dir: str = "data/profiles/h100-molmoe-arch"  # the table to train on when no profile step runs
+    estimator_results_dir: str = "data/profiles/h200-molmoe-arch-graph"  # the table to train on when no profile step runs
     force_rerun: bool = False  # ignore finished runs and execute every step
 
 

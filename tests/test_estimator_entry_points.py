@@ -213,7 +213,7 @@ def test_pipeline_trains_the_estimator_on_the_committed_table_without_a_base_vlm
     assert names[:4] == ["train_estimator", "evaluate_estimator", "visualize_estimator", "promote_estimator"]
     done = {"train_estimator": "f" * 32}
     train, evaluate = steps[0].parameters({}), steps[1].parameters(done)
-    assert train["results_dir"] == "data/profiles/h100-molmoe-arch" and ProfileStore(REPO_ROOT / train["results_dir"]).datasets()
+    assert train["results_dir"] == "data/profiles/h200-molmoe-arch-graph" and ProfileStore(REPO_ROOT / train["results_dir"]).datasets()
     assert evaluate["model"] == "f" * 32
     assert steps[3].parameters(done)["model_name"] == "latency-estimator"
 
