@@ -116,6 +116,9 @@ def test_a_micro_training_run_logs_per_epoch_metrics_and_registers(tracking_stor
 @pytest.mark.parametrize("module, argv, expected", [
     (profile, ["--dataset_names", "synth_nothing"], "synth_nothing"),
     (profile, ["--backend", "gpt5"], "backend='gpt5'"),
+    (profile, ["--engine", "graph"], "engine='graph' applies to backend=molmoe_arch only"),
+    (profile, ["--backend", "molmoe_arch", "--engine", "compiled"], "engine='compiled' is unknown"),
+    (profile, ["--timing_repeats", "0"], "timing_repeats=0"),
     (profile, ["--base_model", "models:/base-vlm@nope", "--dataset_names", "synth_attrvqa"], "base-vlm"),
     (importance, ["--dataset_names", "synth_nothing"], "synth_nothing"),
     (evaluate_base_model, ["--latency_repeats", "2"], "latency_repeats"),
@@ -131,3 +134,18 @@ def test_model_path_without_checkpoint_is_one_line(tracking_store, capsys, tmp_p
     code = exit_on_input_error(lambda: profile.main(["--backend", "molmoe_arch", "--model_path", str(tmp_path)]))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(err) == 1 and str(tmp_path) in err[0], err
+
+
+def test_profile_runs_the_graph_engine_with_the_drift_reference(tracking_store, tmp_path):
+    results = tmp_path / "graph"
+    argv = ["--backend", "molmoe_arch", "--size", "tiny", "--engine", "graph", "--num_samples", "1", "--num_runs", "1",
+            "--timing_repeats", "2", "--drift_reference", "true", "--force_output_tokens", "2", "--warmup", "0",
+            "--num_threads", "1", "--results_dir", str(results)]
+    assert profile.main(argv) == 0
+    run = _finished("profile")
+    assert run.data.params["engine"] == "graph" and run.data.params["drift_reference"] == "True"
+    protocol = json.loads((results / "timing_protocol.json").read_text())
+    assert protocol["timing_repeats"] == 2 and protocol["drift_reference"] and protocol["backend"] == "molmoe_arch"
+    logged = MlflowClient().download_artifacts(run.info.run_id, "timing_protocol.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text()) == protocol
+    assert run.data.metrics["rows_written"] == 75
