@@ -242,7 +242,7 @@ def features_from_raw(raw: np.ndarray, levels: np.ndarray) -> np.ndarray:
     for j, values in enumerate((vision, text, crops, tier, top_k, blocks, blocks * top_k, blocks * tokens,
                                 np.log1p(vision), np.log1p(tokens), np.log1p(top_k), np.log1p(blocks))):
         out[:, j] = values
-    j = 12
+    j = FEATURES.index(f"{STEP_KNOBS[0]}_step_1")
     for knob_values, ends in zip((top_k, blocks), np.asarray(levels, dtype=np.float64)):
         for low, high in zip(ends[:-1], ends[1:]):
             out[:, j] = np.clip((knob_values - low) / (high - low), 0.0, 1.0) if np.isfinite(high) else 0.0
@@ -429,12 +429,14 @@ class LatencyEstimator(nn.Module):
         self.register_buffer("target_scale_ms", torch.ones(len(TARGETS)))  # train std in ms, for loss "mse"
         self.meta: dict[str, object] = {}  # JSON-able facts: data it was trained on, best epoch
         self._numpy_params: tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray] | None = None
+        self._levels: np.ndarray | None = None  # numpy copy of knob_levels (a request pays no torch call)
 
     # scalers -----------------------------------------------------------------------------------
     def fit_scalers(self, train_df: pd.DataFrame) -> "LatencyEstimator":
         """Fit step-ramp ends, feature mean/std and log-target mean/std on `train_df` (training rows only)."""
         raw = raw_matrix(train_df)
         self.knob_levels.copy_(torch.as_tensor(knob_levels(raw)))
+        self._levels = None
         features = features_from_raw(raw, self.levels).astype(np.float64)
         y, mask = target_arrays(train_df)
         mean, std = features.mean(axis=0), features.std(axis=0)
@@ -457,7 +459,9 @@ class LatencyEstimator(nn.Module):
     @property
     def levels(self) -> np.ndarray:
         """The step ramps' ends (`knob_levels` of the training rows)."""
-        return self.knob_levels.detach().cpu().numpy()
+        if self._levels is None:
+            self._levels = self.knob_levels.detach().cpu().numpy().copy()
+        return self._levels
 
     def features(self, df: pd.DataFrame) -> np.ndarray:
         """FEATURES of `df`'s rows under this model's step thresholds."""
@@ -480,11 +484,11 @@ class LatencyEstimator(nn.Module):
         return z * self.target_log_std + self.target_log_mean
 
     def train(self, mode: bool = True) -> "LatencyEstimator":
-        self._numpy_params = None  # weights may change: drop the numpy copy
+        self._numpy_params = self._levels = None  # weights may change: drop the numpy copies
         return super().train(mode)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        self._numpy_params = None
+        self._numpy_params = self._levels = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # inference ---------------------------------------------------------------------------------

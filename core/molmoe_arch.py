@@ -45,7 +45,7 @@ from torch import nn
 from core.knobs import MOLMOE_SPACE, TIERS, KnobConfig, KnobSpace, active_blocks, default_drop_order
 from core.graph_engine import GraphedGenerator
 from core.timing import StageClock
-from core.vlm_backend import GenerationResult, VQASample
+from core.vlm_backend import ENGINES, GenerationResult, VQASample
 
 # CLIP image normalisation.
 _CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -234,9 +234,6 @@ def _router(layer: nn.Module) -> nn.Module:
     if hasattr(layer.mlp, "top_k"):  # older transformers kept top_k on the MoE block itself
         return layer.mlp
     raise AttributeError(f"cannot find the top_k of MoE block {type(layer.mlp).__name__}")
-
-
-ENGINES = ("eager", "graph")
 
 
 class MolmoeArchBackend:

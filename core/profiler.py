@@ -166,6 +166,11 @@ class TimingProtocol:
     device: str = ""
     backend: str = ""
 
+    @property
+    def calibrated(self) -> bool:
+        """Written to the table (by the sweep that started it)."""
+        return bool(self.device)
+
 
 def _protocol_path(store: ProfileStore) -> Path:
     return Path(store.results_dir) / PROTOCOL_FILE
@@ -183,7 +188,7 @@ def load_protocol(store: ProfileStore) -> TimingProtocol | None:
 
 
 def _agree_on_protocol(
-    store: ProfileStore, config: ProfileSweepConfig, reference: tuple[VQASample, KnobConfig], device: str, backend: str
+    store: ProfileStore, config: ProfileSweepConfig, reference: tuple[VQASample, KnobConfig], device: str
 ) -> TimingProtocol | None:
     """The stored protocol if it matches this sweep; a new one (calibrated later) if the table is empty.
 
@@ -211,18 +216,15 @@ def _calibrate(
     backend: VLMBackend, protocol: TimingProtocol, reference: tuple[VQASample, KnobConfig], config: ProfileSweepConfig,
     answer_kwargs: dict, device: str, store: ProfileStore,
 ) -> TimingProtocol:
-    """Time the reference request `calibration_answers` times; store and return the protocol."""
-    sample, knobs = reference
-    totals = []
-    for _ in range(config.calibration_answers if protocol.drift_reference else 0):
-        r = backend.answer(sample, knobs, max_new_tokens=sample.max_new_tokens, **answer_kwargs)
-        totals.append(r.T_vision_ms + r.T_prefill_ms + r.T_decode_ms)
-    protocol = replace(
-        protocol, reference_sample_id=sample.sample_id if protocol.drift_reference else "",
-        reference_config=knobs.key if protocol.drift_reference else "",
-        reference_T_total_ms=statistics.median(totals) if totals else math.nan,
-        calibration_answers=len(totals), device=device, backend=backend.name,
-    )
+    """With a drift reference, time the reference request `calibration_answers` times; store and
+    return the protocol (a repeats-only protocol is stored as it is, so resumes can check it)."""
+    protocol = replace(protocol, device=device, backend=backend.name)
+    if protocol.drift_reference:
+        sample, knobs = reference
+        totals = [backend.answer(sample, knobs, max_new_tokens=sample.max_new_tokens, **answer_kwargs).T_total_ms
+                  for _ in range(config.calibration_answers)]
+        protocol = replace(protocol, reference_sample_id=sample.sample_id, reference_config=knobs.key,
+                           reference_T_total_ms=statistics.median(totals), calibration_answers=len(totals))
     Path(store.results_dir).mkdir(parents=True, exist_ok=True)
     _protocol_path(store).write_text(json.dumps(asdict(protocol), indent=1))
     return protocol
@@ -242,7 +244,7 @@ def timed_answer(
     for _ in range(repeats):
         if protocol is not None and protocol.drift_reference:
             ref = backend.answer(reference[0], reference[1], max_new_tokens=reference[0].max_new_tokens, **answer_kwargs)
-            slowdowns.append((ref.T_vision_ms + ref.T_prefill_ms + ref.T_decode_ms) / protocol.reference_T_total_ms)
+            slowdowns.append(ref.T_total_ms / protocol.reference_T_total_ms)
         else:
             slowdowns.append(1.0)
         results.append(backend.answer(item.sample, item.config, max_new_tokens=item.sample.max_new_tokens, **answer_kwargs))
@@ -312,13 +314,13 @@ def run_sweep(
     answer_kwargs = {"force_output_tokens": config.force_output_tokens}
     # The reference request: the first selected sample at the full config (stable across shards and resumes).
     reference = (samples[0], backend.space.full())
-    protocol = _agree_on_protocol(store, config, reference, device, backend.name)
+    protocol = _agree_on_protocol(store, config, reference, device)
     # Warm-up: the costliest and cheapest configs, so kernels/allocations of both extremes are ready.
     warm_configs = [backend.space.full(), backend.space.minimal()]
     for i in range(config.warmup):
         s = todo[0].sample
         backend.answer(s, warm_configs[i % 2], max_new_tokens=s.max_new_tokens, **answer_kwargs)
-    if protocol is not None and not protocol.device:
+    if protocol is not None and not protocol.calibrated:
         protocol = _calibrate(backend, protocol, reference, config, answer_kwargs, device, store)
 
     buffer: list[ProfileRow] = []

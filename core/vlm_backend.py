@@ -87,6 +87,7 @@ class VLMBackend(Protocol):
 
 
 BACKENDS = ("base_vlm", "molmoe_arch")
+ENGINES = ("eager", "graph")  # molmoe_arch generation: Python-dispatched forwards, or CUDA-graph replay
 
 
 def load_backend(

@@ -16,7 +16,7 @@ from core.knobs import active_blocks
 from core.profile_schema import decode_list
 from core.profile_store import ProfileStore
 from core.profiler import ProfileSweepConfig, load_protocol, run_sweep
-from core.vlm_backend import BACKENDS, load_backend
+from core.vlm_backend import BACKENDS, ENGINES, load_backend
 from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_figure, log_json
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
 from tracking.model_refs import resolve_base_model_dir, resolve_drop_order
@@ -68,8 +68,6 @@ def validate(params: Params) -> None:
             raise ValueError(f"dataset_names: unknown data set(s) {unknown} (known: {', '.join(DATASETS)})")
     if params.timing_repeats < 1:
         raise ValueError(f"timing_repeats={params.timing_repeats} must be >= 1")
-    from core.molmoe_arch import ENGINES
-
     if params.engine not in ENGINES:
         raise ValueError(f"engine={params.engine!r} is unknown (choose from: {', '.join(ENGINES)})")
     if params.engine != "eager" and params.backend != "molmoe_arch":

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from core.knobs import KnobConfig  # noqa: E402
 from core.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
+from core.vlm_backend import ENGINES  # noqa: E402
 
 STAGES = ("T_vision_ms", "T_prefill_ms", "T_decode_per_token_ms", "T_total_ms")
 
@@ -48,7 +49,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--pin-cpu", type=int, default=None, help="pin to this core with one torch thread")
-    p.add_argument("--engine", default="eager", choices=["eager", "graph"])
+    p.add_argument("--engine", default="eager", choices=list(ENGINES))
     p.add_argument("--compare-eager", action="store_true", help="graph engine: check its tokens against eager's")
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from core.knobs import KnobConfig  # noqa: E402
 from core.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
+from core.vlm_backend import ENGINES  # noqa: E402
 from core.profile_store import ProfileStore  # noqa: E402
 from core.profiler import ProfileSweepConfig, run_sweep  # noqa: E402
 
@@ -59,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="reference", choices=["reference", "tiny"])
     p.add_argument("--device", default=None)
-    p.add_argument("--engine", default="eager", choices=["eager", "graph"],
+    p.add_argument("--engine", default="eager", choices=list(ENGINES),
                    help="graph: StaticCache + CUDA-graph replay of vision, prefill and decode (core/graph_engine.py)")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 64])
     p.add_argument("--output-tokens", type=int, nargs="+", default=[8, 32])
