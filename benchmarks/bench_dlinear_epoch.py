@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
 
-from core.burstgpt import CHANNELS, generate_synthetic_trace, per_minute_series  # noqa: E402
-from core.forecast_data import build_datasets  # noqa: E402
-from core.forecast_training import ForecastTrainConfig, Forecaster, train_dlinear  # noqa: E402
+from core.forecasting.burstgpt import CHANNELS, generate_synthetic_trace, per_minute_series  # noqa: E402
+from core.forecasting.windows import build_datasets  # noqa: E402
+from core.forecasting.training import ForecastTrainConfig, Forecaster, train_dlinear  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
 
-from core.estimator import EstimatorConfig, evaluate_predictor, train_estimator  # noqa: E402
+from core.latency.estimator import EstimatorConfig, evaluate_predictor, train_estimator  # noqa: E402
 from core.knobs import MOLMOE_SPACE, TIERS  # noqa: E402
 from tests.test_estimator import synthetic_profile  # noqa: E402
 
@@ -87,7 +87,7 @@ def main() -> None:
           f"within10 {metrics['val_within10']:.3f}")
 
     frame = random_configs(args.configs)
-    from core.estimator import raw_matrix  # the array path skips the DataFrame in and out
+    from core.latency.estimator import raw_matrix  # the array path skips the DataFrame in and out
     raw = raw_matrix(frame)
     # Both thread counts: on a shared host a second intra-op thread can wait on a busy core.
     for threads in sorted({1, args.infer_threads}):

@@ -198,7 +198,7 @@ def get_space(name: str) -> KnobSpace:
         raise KnobOutOfSpaceError(f"unknown backend knob space {name!r} (known: {sorted(SPACES)})")
     return SPACES[name]
 
-# The embedded default: the small MoE VLM the platform trains itself (core/base_vlm.py).
+# The embedded default: the small MoE VLM the platform trains itself (core/vlm/base_vlm.py).
 # Values are owned by the base-VLM work; keep the shape (3 tiers, 5 top_k, 5 block options).
 # Suite images are 2:1, so the caps 1 / 2 / 8 give 1x1, 1x2 and 2x4 tile grids: each tier doubles the
 # resolution of the one below (small text is legible only at the high tier). Experts are trained at

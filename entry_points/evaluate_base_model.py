@@ -15,9 +15,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from core.knobs import TIERS  # noqa: E402
-from core.vlm_backend import load_backend  # noqa: E402
-from core.vqa_evaluation import grid_table, latency_medians, score_split  # noqa: E402
-from core.vqa_suite import DATASETS, load_split  # noqa: E402
+from core.vlm.registry import load_backend  # noqa: E402
+from core.vlm.evaluation import grid_table, latency_medians, score_split  # noqa: E402
+from core.vqa.suite import DATASETS, load_split  # noqa: E402
 from tracking.artifacts import log_csv, log_dataset_input, log_figure, log_json  # noqa: E402
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict  # noqa: E402
 from tracking.model_refs import resolve_base_model_dir, resolve_drop_order  # noqa: E402
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         full, minimal = space.full(), space.minimal()
         test = [s for d in datasets for s in load_split(d, "test", params.test_samples, seed=params.seed)]
         log_dataset_input(pd.DataFrame([{"sample_id": s.sample_id, "question": s.question} for s in test]),
-                          "synthetic-vqa-test", "test", {"generator": "core.vqa_suite.load_split", "seed": str(params.seed)})
+                          "synthetic-vqa-test", "test", {"generator": "core.vqa.suite.load_split", "seed": str(params.seed)})
 
         metrics: dict[str, float] = {}
         scored = {"full": score_split(backend, test, full), "min": score_split(backend, test, minimal)}

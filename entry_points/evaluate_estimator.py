@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import mlflow
 
-from core.estimator import evaluate_predictor, load_profile_table, predict_groups
-from core.estimator_metrics import feature_floor, per_config_table
+from core.latency.estimator import evaluate_predictor, load_profile_table, predict_groups
+from core.latency.metrics import feature_floor, per_config_table
 from entry_points.train_estimator import dataset_list
 from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_json
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict

@@ -17,9 +17,9 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.importance import ANSWER_LOG_LIKELIHOOD, beam_search_removal, consistency_report, leave_one_block_out_across  # noqa: E402
+from core.vlm.importance import ANSWER_LOG_LIKELIHOOD, beam_search_removal, consistency_report, leave_one_block_out_across  # noqa: E402
 from core.knobs import TIERS  # noqa: E402
-from core.vlm_backend import load_backend  # noqa: E402
+from core.vlm.registry import load_backend  # noqa: E402
 from tracking.artifacts import log_csv, log_figure, log_json  # noqa: E402
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict  # noqa: E402
 from tracking.model_refs import resolve_base_model_dir  # noqa: E402
@@ -87,8 +87,8 @@ def _plot_matrix(matrix) -> "plt.Figure":
 
 def main(argv: list[str] | None = None) -> int:
     params = parse_params(Params, argv, prog="importance")
-    from core.vqa_metrics import vqa_score
-    from core.vqa_suite import DATASETS, load_split
+    from core.vqa.metrics import vqa_score
+    from core.vqa.suite import DATASETS, load_split
 
     names = _names(params.dataset_names)
     unknown = [d for d in names if d not in DATASETS]

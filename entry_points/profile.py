@@ -11,12 +11,13 @@ from pathlib import Path
 import mlflow
 import torch
 
-from core import profile_plots
+from core.profiling import plots as profile_plots
 from core.knobs import active_blocks
-from core.profile_schema import decode_list
-from core.profile_store import ProfileStore
-from core.profiler import ProfileSweepConfig, load_protocol, run_sweep
-from core.vlm_backend import BACKENDS, ENGINES, load_backend
+from core.profiling.schema import decode_list
+from core.profiling.store import ProfileStore
+from core.profiling.profiler import ProfileSweepConfig, load_protocol, run_sweep
+from core.vlm.backend import BACKENDS, ENGINES
+from core.vlm.registry import load_backend
 from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_figure, log_json
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
 from tracking.model_refs import resolve_base_model_dir, resolve_drop_order
@@ -61,7 +62,7 @@ def validate(params: Params) -> None:
     if params.backend not in BACKENDS:
         raise ValueError(f"backend={params.backend!r} is unknown (choose from: {', '.join(BACKENDS)})")
     if params.backend == "base_vlm":
-        from core.vqa_suite import DATASETS
+        from core.vqa.suite import DATASETS
 
         unknown = [d for d in _names(params.dataset_names) if d not in DATASETS]
         if unknown or not _names(params.dataset_names):
@@ -81,7 +82,7 @@ def validate(params: Params) -> None:
     if params.model_path:
         if params.backend != "molmoe_arch":
             raise ValueError("model_path applies to backend=molmoe_arch only")
-        from core.molmoe_arch import load_local_checkpoint
+        from core.vlm.molmoe_arch import load_local_checkpoint
 
         load_local_checkpoint(params.model_path)  # one clear line for a directory without a checkpoint
         # Molmo's remote code has its own decoder classes: the knob hooks of molmoe_arch do not reach them yet.
@@ -112,15 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = resolve_base_model_dir(params.base_model) if params.backend == "base_vlm" else None
     with entry_point_run("profile", params_as_dict(params)) as run:
         if params.backend == "base_vlm":
-            from core.vqa_metrics import vqa_score
-            from core.vqa_suite import load_split
+            from core.vqa.metrics import vqa_score
+            from core.vqa.suite import load_split
 
             backend = load_backend("base_vlm", params.device, checkpoint_dir=str(checkpoint))
             names = _names(params.dataset_names)
             samples = {d: load_split(d, params.split, params.num_samples, seed=params.seed) for d in names}
             score_fn, forced = vqa_score, (params.force_output_tokens or None)
         else:
-            from core.molmoe_arch import synthetic_latency_samples
+            from core.vlm.molmoe_arch import synthetic_latency_samples
 
             backend = load_backend("molmoe_arch", params.device, size=params.size, engine=params.engine)
             forced = params.force_output_tokens or 8

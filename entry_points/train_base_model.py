@@ -17,10 +17,10 @@ import mlflow
 import pandas as pd
 import torch
 
-from core.base_vlm import DROP_ORDER_FILE, BaseVLM, BaseVLMBackend
-from core.elastic_training import ElasticTrainConfig, evaluate_val, recorded_history, train_base_vlm
+from core.vlm.base_vlm import DROP_ORDER_FILE, BaseVLM, BaseVLMBackend
+from core.vlm.elastic_training import ElasticTrainConfig, evaluate_val, recorded_history, train_base_vlm
 from core.knobs import TIERS
-from core.vqa_suite import DATASETS, load_split
+from core.vqa.suite import DATASETS, load_split
 from tracking.artifacts import log_dataset_input, log_json
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
 from tracking.epoch_logging import EpochLogger
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     validate(params)
     torch.set_num_threads(params.num_threads)
     with entry_point_run("train_base_model", params_as_dict(params)) as run:
-        source = {"generator": "core.vqa_suite.load_split", "seed": str(params.seed)}
+        source = {"generator": "core.vqa.suite.load_split", "seed": str(params.seed)}
         train_frame = _split_frame("train", params.train_samples_per_dataset, params.seed)
         val_frame = _split_frame("val", params.val_samples_per_dataset, params.seed)
         log_dataset_input(train_frame, "synthetic-vqa-train", "training", source)

@@ -14,8 +14,8 @@ from typing import Callable, Mapping
 import mlflow
 import pandas as pd
 
-from core import estimator_plots
-from core.estimator import (
+from core.latency import plots as estimator_plots
+from core.latency.estimator import (
     RAW_COLUMNS,
     EstimatorConfig,
     EstimatorError,
@@ -28,8 +28,8 @@ from core.estimator import (
     split_heldout_config,
     train_estimator,
 )
-from core.estimator_baselines import AnalyticBaseline, LinearBaseline
-from core.estimator_metrics import feature_floor, per_config_table, run_to_run_noise
+from core.latency.baselines import AnalyticBaseline, LinearBaseline
+from core.latency.metrics import feature_floor, per_config_table, run_to_run_noise
 from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_figure, log_json, log_text
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
 from tracking.epoch_logging import EpochLogger

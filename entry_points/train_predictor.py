@@ -14,12 +14,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from core import forecast_plots
-from core.burstgpt import CHANNELS, load_trace, per_minute_series
-from core.forecast_baselines import BASELINES, baseline_forecast
-from core.forecast_data import ForecastDataError, ForecastDatasets, build_datasets
-from core.forecast_metrics import error_by_load_level, forecast_metrics, skill
-from core.forecast_training import Forecaster, ForecastTrainConfig, predict, train_dlinear
+from core.forecasting import plots as forecast_plots
+from core.forecasting.burstgpt import CHANNELS, load_trace, per_minute_series
+from core.forecasting.baselines import BASELINES, baseline_forecast
+from core.forecasting.windows import ForecastDataError, ForecastDatasets, build_datasets
+from core.forecasting.metrics import error_by_load_level, forecast_metrics, skill
+from core.forecasting.training import Forecaster, ForecastTrainConfig, predict, train_dlinear
 from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_figure, log_json, log_text
 from tracking.cli import exit_on_input_error, parse_params, params_as_dict
 from tracking.epoch_logging import EpochLogger
@@ -118,7 +118,7 @@ def prepare(params: Params) -> PreparedData:
     data = build_datasets(series[list(CHANNELS)].to_numpy(), params.seq_len, params.horizon, params.stride,
                           params.train_frac, params.val_frac, channels=CHANNELS)
     source: str | dict[str, str] = (
-        {"generator": "core.burstgpt.generate_synthetic_trace", "seed": str(params.trace_seed), "num_days": str(params.num_days)}
+        {"generator": "core.forecasting.burstgpt.generate_synthetic_trace", "seed": str(params.trace_seed), "num_days": str(params.num_days)}
         if params.trace == "synthetic" else str(Path(params.trace).resolve())
     )
     return PreparedData(series, data, source)

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from core.vlm_backend import load_backend  # noqa: E402
-from core.vqa_suite import DATASETS, load_split  # noqa: E402
+from core.vlm.registry import load_backend  # noqa: E402
+from core.vqa.suite import DATASETS, load_split  # noqa: E402
 
 COMPONENTS = ("T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_total_ms")
 

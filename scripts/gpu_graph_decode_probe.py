@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from core.knobs import KnobConfig  # noqa: E402
-from core.molmoe_arch import MolmoeArchBackend, image_crops, prompt_token_ids, synthetic_latency_samples  # noqa: E402
+from core.vlm.molmoe_arch import MolmoeArchBackend, image_crops, prompt_token_ids, synthetic_latency_samples  # noqa: E402
 
 
 def _stats(values: list[float]) -> dict[str, float]:

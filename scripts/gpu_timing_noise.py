@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from core.knobs import KnobConfig  # noqa: E402
-from core.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
-from core.vlm_backend import ENGINES  # noqa: E402
+from core.vlm.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
+from core.vlm.backend import ENGINES  # noqa: E402
 
 STAGES = ("T_vision_ms", "T_prefill_ms", "T_decode_per_token_ms", "T_total_ms")
 

@@ -28,10 +28,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from core.knobs import KnobConfig  # noqa: E402
-from core.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
-from core.vlm_backend import ENGINES  # noqa: E402
-from core.profile_store import ProfileStore  # noqa: E402
-from core.profiler import ProfileSweepConfig, run_sweep  # noqa: E402
+from core.vlm.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
+from core.vlm.backend import ENGINES  # noqa: E402
+from core.profiling.store import ProfileStore  # noqa: E402
+from core.profiling.profiler import ProfileSweepConfig, run_sweep  # noqa: E402
 
 COMPONENTS = ("T_vision_ms", "T_prefill_ms", "T_decode_per_token_ms", "T_decode_ms", "T_total_ms")
 
@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", default="reference", choices=["reference", "tiny"])
     p.add_argument("--device", default=None)
     p.add_argument("--engine", default="eager", choices=list(ENGINES),
-                   help="graph: StaticCache + CUDA-graph replay of vision, prefill and decode (core/graph_engine.py)")
+                   help="graph: StaticCache + CUDA-graph replay of vision, prefill and decode (core/vlm/graph_engine.py)")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 64])
     p.add_argument("--output-tokens", type=int, nargs="+", default=[8, 32])
     p.add_argument("--image-size", nargs="+", default=["640x480"],
@@ -170,8 +170,8 @@ def main() -> None:
         "median_cv_T_total": round(float(cv.median()), 5) if len(cv) else None,
         "medians_by_knob": {ds: knob_medians(part) for ds, part in df.groupby("dataset")},
     }
-    try:  # paired per-step effects (needs matplotlib through core.profile_plots)
-        from core.profile_plots import knob_step_effects
+    try:  # paired per-step effects (needs matplotlib through core.profiling.plots)
+        from core.profiling.plots import knob_step_effects
 
         result["step_effects_T_total_ms"] = {
             ds: knob_step_effects(part, "T_total_ms").to_dict(orient="records") for ds, part in df.groupby("dataset")

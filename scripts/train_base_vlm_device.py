@@ -1,6 +1,6 @@
 """Train the base VLM on a machine without MLflow (a lent GPU), for `train_base_model -P from_checkpoint=`.
 
-The same `core.elastic_training.train_base_vlm` that the `train_base_model` entry point runs, with
+The same `core.vlm.elastic_training.train_base_vlm` that the `train_base_model` entry point runs, with
 the entry point's recipe defaults; this script only adds what a bare accelerator machine needs: no
 tracking store, a wall-clock deadline checked between epochs (the checkpoint directory then resumes
 with the same command), and the outputs the entry point's `from_checkpoint` registers:
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from core.elastic_training import ElasticTrainConfig, train_base_vlm  # noqa: E402
+from core.vlm.elastic_training import ElasticTrainConfig, train_base_vlm  # noqa: E402
 
 
 class DeadlineReached(Exception):

@@ -44,7 +44,7 @@ def subprocess_env(tracking_store: str) -> dict[str, str]:
 def synthetic_profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small ProfileStore results directory (read-only for tests): two data sets of 5 samples x 75
     MolmoE configs x 2 runs each, latencies from tests/test_estimator.py's known law with 1% noise."""
-    from core.profile_store import ProfileStore
+    from core.profiling.store import ProfileStore
     from tests.test_estimator import synthetic_profile
 
     results_dir = tmp_path_factory.mktemp("profiles") / "synthetic"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.base_vlm import BaseVLM, BaseVLMBackend, BaseVLMConfig, apply_knobs, build_base_vlm, space_for
+from core.vlm.base_vlm import BaseVLM, BaseVLMBackend, BaseVLMConfig, apply_knobs, build_base_vlm, space_for
 from core.knobs import BASE_VLM_SPACE, KnobConfig, KnobOutOfSpaceError
-from core.vqa_suite import load_split
+from core.vqa.suite import load_split
 
 TINY = BaseVLMConfig(
     crop_px=16, patch_px=8, vision_dim=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,

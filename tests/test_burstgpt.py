@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.burstgpt import (
+from core.forecasting.burstgpt import (
     BURSTGPT_COLUMNS,
     CHANNELS,
     TraceError,

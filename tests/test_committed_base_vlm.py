@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from core.base_vlm import BaseVLMBackend, apply_knobs
+from core.vlm.base_vlm import BaseVLMBackend, apply_knobs
 from core.knobs import KnobConfig
-from core.vqa_metrics import vqa_score
-from core.vqa_suite import load_split
+from core.vqa.metrics import vqa_score
+from core.vqa.suite import load_split
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "data" / "base_vlm"
 pytestmark = pytest.mark.skipif(not (CHECKPOINT / "base_vlm_config.json").is_file(), reason="no committed checkpoint")

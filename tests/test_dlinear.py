@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.dlinear import DLinear, MovingAverage
-from core.forecast_data import make_windows
+from core.forecasting.dlinear import DLinear, MovingAverage
+from core.forecasting.windows import make_windows
 
 torch.set_num_threads(1)
 

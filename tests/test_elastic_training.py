@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.base_vlm import BaseVLM, BaseVLMConfig, space_for
-from core.elastic_training import ElasticTrainConfig, recorded_history, sample_train_config, train_base_vlm
+from core.vlm.base_vlm import BaseVLM, BaseVLMConfig, space_for
+from core.vlm.elastic_training import ElasticTrainConfig, recorded_history, sample_train_config, train_base_vlm
 from core.knobs import TIERS
-from core.vqa_suite import DATASETS
+from core.vqa.suite import DATASETS
 
 TINY = BaseVLMConfig(
     crop_px=16, patch_px=8, vision_dim=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from core.estimator import (
+from core.latency.estimator import (
     FEATURES,
     OUTPUT_COLUMNS,
     EstimatorConfig,
@@ -32,9 +32,9 @@ from core.estimator import (
     split_heldout_config,
     train_estimator,
 )
-from core.estimator_baselines import LinearBaseline
+from core.latency.baselines import LinearBaseline
 from core.knobs import MOLMOE_SPACE, KnobSpace, active_blocks
-from core.profile_schema import PROFILE_COLUMNS, encode_list
+from core.profiling.schema import PROFILE_COLUMNS, encode_list
 
 torch.set_num_threads(1)
 
@@ -319,7 +319,7 @@ def test_predict_frame_columns_totals_and_fast_paths_agree(trained):
 
 
 def test_plots_return_figures(trained, tmp_path):
-    from core.estimator_plots import plot_error_distribution, plot_errors_by_knob, plot_pred_vs_true, plot_training_curves
+    from core.latency.plots import plot_error_distribution, plot_errors_by_knob, plot_pred_vs_true, plot_training_curves
 
     split, model, history, _ = trained
     truth, pred = predict_groups(model, split.test)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.estimator import OUTPUT_COLUMNS, EstimatorError, evaluate_predictor, split_by_sample
-from core.estimator_baselines import AnalyticBaseline, LinearBaseline
+from core.latency.estimator import OUTPUT_COLUMNS, EstimatorError, evaluate_predictor, split_by_sample
+from core.latency.baselines import AnalyticBaseline, LinearBaseline
 from tests.test_estimator import synthetic_profile
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from core.estimator import EstimatorConfig, LatencyEstimator
-from core.profile_store import ProfileStore
+from core.latency.estimator import EstimatorConfig, LatencyEstimator
+from core.profiling.store import ProfileStore
 from entry_points import evaluate_estimator, train_estimator, tune, visualize_estimator
 from entry_points import promote as promote_ep
 from mlflow_projects import pipeline

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.estimator_metrics import (
+from core.latency.metrics import (
     component_metrics,
     evaluate_components,
     per_config_table,
@@ -112,7 +112,7 @@ def test_run_to_run_noise_matches_a_direct_computation_on_uneven_groups():
 
 
 def test_feature_floor_predicts_each_row_from_the_other_rows_with_its_features():
-    from core.estimator_metrics import feature_floor
+    from core.latency.metrics import feature_floor
 
     truth = pd.DataFrame({
         "sample_id": ["a", "b", "c", "d"], "tier": "low", "top_k": 4, "num_active_blocks": 8,

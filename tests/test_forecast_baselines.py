@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.forecast_baselines import BASELINES, baseline_forecast
-from core.forecast_data import ForecastDataError, make_windows
-from core.forecast_metrics import error_by_load_level, forecast_metrics, skill
+from core.forecasting.baselines import BASELINES, baseline_forecast
+from core.forecasting.windows import ForecastDataError, make_windows
+from core.forecasting.metrics import error_by_load_level, forecast_metrics, skill
 
 
 # --------------------------------------------------------------------------------------- baselines

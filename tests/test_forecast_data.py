@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from core.forecast_data import (
+from core.forecasting.windows import (
     ForecastDataError,
     StandardScaler,
     build_datasets,

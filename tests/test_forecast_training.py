@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from core.forecast_data import ForecastDataError, build_datasets
-from core.forecast_metrics import error_by_load_level
-from core.forecast_plots import plot_error_by_load_level, plot_forecast_vs_actual, plot_loss_curves
-from core.forecast_training import (
+from core.forecasting.windows import ForecastDataError, build_datasets
+from core.forecasting.metrics import error_by_load_level
+from core.forecasting.plots import plot_error_by_load_level, plot_forecast_vs_actual, plot_loss_curves
+from core.forecasting.training import (
     EpochRecord,
     ForecastTrainConfig,
     Forecaster,

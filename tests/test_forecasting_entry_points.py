@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from core.burstgpt import BURSTGPT_COLUMNS, generate_synthetic_trace
+from core.forecasting.burstgpt import BURSTGPT_COLUMNS, generate_synthetic_trace
 from entry_points import promote as promote_ep
 from entry_points import train_predictor, tune
 from tracking.cli import exit_on_input_error

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from core.graph_engine import GraphedGenerator
+from core.vlm.graph_engine import GraphedGenerator
 from core.knobs import KnobConfig
-from core.molmoe_arch import MolmoeArchBackend
+from core.vlm.molmoe_arch import MolmoeArchBackend
 from core.timing import StageClock
 from tests.test_molmoe_arch import probe_samples, tiny_backend
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from core.importance import (
+from core.vlm.importance import (
     ImportanceError,
     answer_with_blocks,
     beam_search_removal,
@@ -115,9 +115,9 @@ def test_backend_without_override_falls_back_to_the_knob_and_restores_the_drop_o
 
 
 def test_answer_log_likelihood_importance_is_graded_and_restores_the_base_vlm():
-    from core.base_vlm import BaseVLMBackend, build_base_vlm
-    from core.importance import ANSWER_LOG_LIKELIHOOD, mean_accuracy
-    from core.vqa_suite import load_split
+    from core.vlm.base_vlm import BaseVLMBackend, build_base_vlm
+    from core.vlm.importance import ANSWER_LOG_LIKELIHOOD, mean_accuracy
+    from core.vqa.suite import load_split
     from tests.test_base_vlm import TINY
 
     backend = BaseVLMBackend(build_base_vlm(TINY, seed=0))

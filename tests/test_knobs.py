@@ -2,9 +2,9 @@
 
 import pytest
 
-from core.base_vlm import select_grid
+from core.vlm.base_vlm import select_grid
 from core.knobs import BASE_VLM_SPACE, TIERS, KnobConfig, KnobOutOfSpaceError, active_blocks, get_space
-from core.vqa_suite import IMAGE_SIZE
+from core.vqa.suite import IMAGE_SIZE
 
 
 def test_base_vlm_space_has_the_shared_shape():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.knobs import MOLMOE_SPACE, KnobConfig, active_blocks
-from core.molmoe_arch import (
+from core.vlm.molmoe_arch import (
     SIZE_PRESETS,
     CheckpointNotFoundError,
     MolmoeArchBackend,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from core.profile_import import OriginalStudyImportError, import_into_store, import_original_study
-from core.profile_store import ProfileStore
+from core.profiling.importer import OriginalStudyImportError, import_into_store, import_original_study
+from core.profiling.store import ProfileStore
 
 FIXTURE = Path(__file__).parent / "fixtures" / "original_study"
 

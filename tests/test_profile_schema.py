@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.profile_schema import (
+from core.profiling.schema import (
     PROFILE_COLUMNS,
     ProfileRow,
     ProfileSchemaError,

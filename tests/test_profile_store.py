@@ -5,8 +5,8 @@ import re
 import pandas as pd
 import pytest
 
-from core.profile_schema import ProfileSchemaError, rows_to_frame
-from core.profile_store import ProfileStore, ProfileStoreError
+from core.profiling.schema import ProfileSchemaError, rows_to_frame
+from core.profiling.store import ProfileStore, ProfileStoreError
 from tests.test_profile_schema import make_row
 
 

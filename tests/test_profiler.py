@@ -7,17 +7,17 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from core.profile_plots import (
+from core.profiling.plots import (
     knob_step_effects,
     plot_accuracy_latency_pareto,
     plot_latency_by_knob,
     plot_repeatability,
     run_to_run_cv,
 )
-from core.profile_schema import row_keys
-from core.profile_store import ProfileStore
+from core.profiling.schema import row_keys
+from core.profiling.store import ProfileStore
 from core.knobs import KnobConfig
-from core.profiler import ProfileSweepConfig, load_protocol, plan_work, run_sweep, shard_of
+from core.profiling.profiler import ProfileSweepConfig, load_protocol, plan_work, run_sweep, shard_of
 from tests.test_molmoe_arch import probe_samples, tiny_backend
 
 # One shard of five keeps the test small (~15 configs) while still walking the real grid.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from core.base_vlm import BaseVLMConfig, image_to_crops, token_boxes
-from core.region_reader import (
+from core.vlm.base_vlm import BaseVLMConfig, image_to_crops, token_boxes
+from core.vlm.region_reader import (
     IGNORE, NONE, READER_GROUPS, RegionReader, batch_targets, reader_accuracy, reader_loss, token_targets,
 )
-from core.vqa_suite import COLORS, SHAPES, SIGN_WORDS, load_split, sample_annotations
+from core.vqa.suite import COLORS, SHAPES, SIGN_WORDS, load_split, sample_annotations
 
 CONFIG = BaseVLMConfig()
 

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from core.profile_schema import decode_per_token_ms
+from core.profiling.schema import decode_per_token_ms
 from core.timing import StageClock, summarize_ms, time_callable_ms
-from core.vlm_backend import GenerationResult
+from core.vlm.backend import GenerationResult
 
 
 def _spin(seconds: float) -> None:

@@ -27,7 +27,7 @@ COMMITTED_CHECKPOINT = REPO_ROOT / "data" / "base_vlm"
 def checkpoint(tmp_path_factory) -> Path:
     if (COMMITTED_CHECKPOINT / "base_vlm_config.json").is_file():
         return COMMITTED_CHECKPOINT
-    from core.base_vlm import build_base_vlm
+    from core.vlm.base_vlm import build_base_vlm
 
     directory = tmp_path_factory.mktemp("base_vlm")
     build_base_vlm(seed=0).save_pretrained(directory)
@@ -80,7 +80,7 @@ def test_register_evaluate_importance_profile_chain(tracking_store, subprocess_e
     # The champion loads in a fresh process and answers a test question.
     script = (
         "import mlflow, pandas as pd\n"
-        "from core.vqa_suite import load_split\n"
+        "from core.vqa.suite import load_split\n"
         "from tracking.pyfunc_models import encode_image\n"
         "s = load_split('synth_attrvqa', 'test', 1)[0]\n"
         "m = mlflow.pyfunc.load_model('models:/base-vlm@champion')\n"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.vqa_metrics import exact_match, normalize_answer, vqa_score
+from core.vqa.metrics import exact_match, normalize_answer, vqa_score
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ import hashlib
 
 import pytest
 
-from core.vlm_backend import VQASample
-from core.vqa_suite import DATASETS, MAX_NEW_TOKENS, SPLIT_SIZES, load_split
+from core.vqa.sample import VQASample
+from core.vqa.suite import DATASETS, MAX_NEW_TOKENS, SPLIT_SIZES, load_split
 
 
 def _pixels(sample: VQASample) -> str:

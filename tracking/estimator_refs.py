@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from core.estimator import EstimatorError, LatencyEstimator
+from core.latency.estimator import EstimatorError, LatencyEstimator
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CHECKPOINT = "checkpoints/best.pt"

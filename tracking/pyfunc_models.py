@@ -14,7 +14,7 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from core.forecast_training import Forecaster
+        from core.forecasting.training import Forecaster
 
         self.forecaster = Forecaster.load(context.artifacts["forecaster"])
 
@@ -51,13 +51,13 @@ class BaseVLMPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from core.base_vlm import BaseVLMBackend
+        from core.vlm.base_vlm import BaseVLMBackend
 
         # The checkpoint's drop_order.json, if any, is applied by from_pretrained.
         self.backend = BaseVLMBackend.from_pretrained(context.artifacts["base_vlm"])
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from core.vlm_backend import VQASample
+        from core.vqa.sample import VQASample
 
         space, full = self.backend.space, self.backend.space.full()
         rows = []
@@ -93,7 +93,7 @@ class LatencyEstimatorPyfunc(mlflow.pyfunc.PythonModel):
     CHECKPOINT_ARTIFACT = "latency_estimator"
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from core.estimator import LatencyEstimator
+        from core.latency.estimator import LatencyEstimator
 
         self.estimator = LatencyEstimator.load(context.artifacts[self.CHECKPOINT_ARTIFACT])
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from core.estimator import (
+from core.latency.estimator import (
     FEATURES,
     OUTPUT_COLUMNS,
     QUANTILE_SUFFIX,

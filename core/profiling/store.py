@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from core.profile_schema import (
+from core.profiling.schema import (
     PROFILE_COLUMNS,
     ProfileRow,
     ProfileSchemaError,

@@ -33,9 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from core.knobs import KnobConfig
-from core.profile_schema import ProfileRow, decode_per_token_ms
-from core.profile_store import ProfileStore
-from core.vlm_backend import GenerationResult, VLMBackend, VQASample
+from core.profiling.schema import ProfileRow, decode_per_token_ms
+from core.profiling.store import ProfileStore
+from core.vlm.backend import GenerationResult, VLMBackend
+from core.vqa.sample import VQASample
 
 ScoreFn = Callable[[str, Sequence[str]], float]
 

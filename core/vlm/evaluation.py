@@ -14,8 +14,9 @@ from tqdm import tqdm
 
 from core.knobs import KnobConfig, KnobSpace
 from core.timing import RepeatedTiming, summarize_ms
-from core.vlm_backend import VLMBackend, VQASample
-from core.vqa_metrics import exact_match, vqa_score
+from core.vlm.backend import VLMBackend
+from core.vqa.sample import VQASample
+from core.vqa.metrics import exact_match, vqa_score
 
 
 def score_split(backend: VLMBackend, samples: Sequence[VQASample], config: KnobConfig, progress: bool = True) -> dict:

@@ -34,8 +34,8 @@ from typing import Any, Mapping
 import pandas as pd
 
 from core.knobs import TIERS, KnobOutOfSpaceError, get_space
-from core.profile_schema import ProfileRow, decode_per_token_ms, row_keys, rows_to_frame, validate_profile
-from core.profile_store import ProfileStore
+from core.profiling.schema import ProfileRow, decode_per_token_ms, row_keys, rows_to_frame, validate_profile
+from core.profiling.store import ProfileStore
 
 _ALIASES: dict[str, tuple[str, ...]] = {
     "T_vision_ms": ("T_vision_total", "T_vision", "T_vision_ms"),

@@ -2,7 +2,7 @@
 
 A VQA answer gives one word of signal per image; the vision tower, trained from scratch, needs more
 to learn to read glyphs and tell colours and shapes (as Molmo pre-trains on dense captions). The
-generator knows every region it drew (`core.vqa_suite.Annotations.regions`), so a training-only
+generator knows every region it drew (`core.vqa.suite.Annotations.regions`), so a training-only
 reader head classifies the vision tokens into three groups of visual words, each with a "none"
 class:
 
@@ -15,7 +15,7 @@ class:
 A reading probe on 32-px high-tier tiles showed the vision tower learns the words this way within a
 few hundred steps, where a per-token binary loss over all words stalled near chance. Two findings
 shape `reader_loss`: "none" targets that carry no object information must not reach the tower (see
-there), and reading is learnt first, alone (`core.elastic_training.train_reader`).
+there), and reading is learnt first, alone (`core.vlm.elastic_training.train_reader`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.vqa_suite import COLORS, SHAPES, SIGN_WORDS, Region
+from core.vqa.suite import COLORS, SHAPES, SIGN_WORDS, Region
 
 READER_GROUPS: dict[str, tuple[str, ...]] = {
     "word": SIGN_WORDS,

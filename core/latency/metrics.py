@@ -214,7 +214,7 @@ FEATURE_GROUP_COLUMNS: tuple[str, ...] = (*KNOBS, "vision_tokens", "text_tokens"
 def feature_floor(truth: pd.DataFrame, group_columns: tuple[str, ...] = FEATURE_GROUP_COLUMNS) -> dict[str, float]:
     """What the best estimator that sees only the request's features could score on `truth`.
 
-    In: one row per (sample, config) with run-median latencies (`core.estimator.group_runs`). Rows
+    In: one row per (sample, config) with run-median latencies (`core.latency.estimator.group_runs`). Rows
     with equal knobs and token counts look the same to any estimator; predicting each from the
     median of the *other* rows of its group gives floor_mape_<c> (in %): when the estimator's
     test_mape sits at this floor, what is left is measurement noise, not model error. Groups of one

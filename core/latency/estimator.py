@@ -38,10 +38,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.estimator_metrics import evaluate_components, quantile_coverage
+from core.latency.metrics import evaluate_components, quantile_coverage
 from core.knobs import TIERS, KnobOutOfSpaceError, get_space
-from core.profile_schema import ProfileSchemaError, validate_profile
-from core.profile_store import ProfileStore, ProfileStoreError
+from core.profiling.schema import ProfileSchemaError, validate_profile
+from core.profiling.store import ProfileStore, ProfileStoreError
 
 # Columns a request/config must carry to be predicted (tier as a name from core.knobs.TIERS).
 RAW_COLUMNS: tuple[str, ...] = ("vision_tokens", "text_tokens", "crops", "tier", "top_k", "num_active_blocks")
@@ -858,7 +858,7 @@ def predict_groups(predictor: Predictor, df: pd.DataFrame) -> tuple[pd.DataFrame
 def evaluate_predictor(predictor: Predictor, df: pd.DataFrame, prefix: str = "test_") -> dict[str, float]:
     """All metrics of `predictor` on profiling rows `df`.
 
-    Point metrics (core.estimator_metrics.evaluate_components) against per-(sample, config)
+    Point metrics (core.latency.metrics.evaluate_components) against per-(sample, config)
     medians; P90 coverage against single rows (a guardrail bounds one run). `df` is validated
     (EstimatorError naming the field). Out: flat
     {<prefix>name: value}, e.g. test_mape_prefill, test_within10, test_p90_coverage_total.

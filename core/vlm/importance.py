@@ -28,7 +28,8 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from core.knobs import KnobConfig, drop_order_from_importance
-from core.vlm_backend import GenerationResult, VLMBackend, VQASample
+from core.vlm.backend import GenerationResult, VLMBackend
+from core.vqa.sample import VQASample
 
 ScoreFn = Callable[[str, Sequence[str]], float]
 T = TypeVar("T")

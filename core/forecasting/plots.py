@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from core.forecast_training import EpochRecord
+from core.forecasting.training import EpochRecord
 
 
 def _maybe_save(fig: Figure, path: str | Path | None) -> Figure:

@@ -38,8 +38,9 @@ from transformers.cache_utils import DynamicCache
 
 from core.knobs import BASE_VLM_SPACE, KnobConfig, KnobSpace, active_blocks, default_drop_order
 from core.timing import StageClock
-from core.vlm_backend import GenerationResult, VQASample
-from core.word_tokenizer import ANSWER, build_word_tokenizer, load_word_tokenizer
+from core.vlm.backend import GenerationResult
+from core.vqa.sample import VQASample
+from core.vlm.tokenizer import ANSWER, build_word_tokenizer, load_word_tokenizer
 
 CONFIG_FILE = "base_vlm_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -354,7 +355,7 @@ class BaseVLM(nn.Module):
         with PAD; target_mask: (B, T) true at answer words and EOS. The answer loss is their
         cross-entropy; the router adds its load-balancing loss. `vision_loss` maps the vision tokens
         (B, n_vision_tokens, d_model) to an auxiliary loss added with `vision_loss_weight` (training
-        uses the dense region reader of `core.region_reader`, so the vision tower keeps a dense signal
+        uses the dense region reader of `core.vlm.region_reader`, so the vision tower keeps a dense signal
         instead of one answer word per image).
         """
         vision = self.encode_crops(crops, grid)
@@ -494,7 +495,7 @@ class BaseVLM(nn.Module):
 
 def build_base_vlm(config: BaseVLMConfig | None = None, seed: int = 0) -> BaseVLM:
     """A freshly initialised base VLM with the suite's word tokenizer."""
-    from core.vqa_suite import suite_vocabulary  # the tokenizer's words come from the suite
+    from core.vqa.suite import suite_vocabulary  # the tokenizer's words come from the suite
 
     config = config or BaseVLMConfig()
     torch.manual_seed(seed)
@@ -566,7 +567,7 @@ def apply_knobs(
 # --- the backend ---------------------------------------------------------------------------------
 
 class BaseVLMBackend:
-    """`core.vlm_backend.VLMBackend` over a trained BaseVLM (name "base_vlm")."""
+    """`core.vlm.backend.VLMBackend` over a trained BaseVLM (name "base_vlm")."""
 
     name = "base_vlm"
 

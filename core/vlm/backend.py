@@ -1,7 +1,7 @@
 """What every VLM backend offers the profiler, importance, evaluation and adaptive inference.
 
-Backends: `base_vlm` (core/base_vlm.py, the trained embedded default) and `molmoe_arch`
-(core/molmoe_arch.py, MolmoE-1B-sized random weights, latency only).
+Backends: `base_vlm` (core/vlm/base_vlm.py, the trained embedded default) and `molmoe_arch`
+(core/vlm/molmoe_arch.py, MolmoE-1B-sized random weights, latency only).
 """
 
 from __future__ import annotations
@@ -10,22 +10,9 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
-from PIL import Image
 
 from core.knobs import KnobConfig, KnobSpace
-
-
-@dataclass(frozen=True)
-class VQASample:
-    """One request: an image and a question, with the reference answers."""
-
-    sample_id: str  # "<dataset>:<split>:<index>", stable across workers and runs
-    dataset: str
-    task: str
-    image: Image.Image
-    question: str
-    answers: tuple[str, ...]
-    max_new_tokens: int
+from core.vqa.sample import VQASample
 
 
 @dataclass
@@ -88,31 +75,3 @@ class VLMBackend(Protocol):
 
 BACKENDS = ("base_vlm", "molmoe_arch")
 ENGINES = ("eager", "graph")  # molmoe_arch generation: Python-dispatched forwards, or CUDA-graph replay
-
-
-def load_backend(
-    name: str,
-    device: str = "cpu",
-    checkpoint_dir: str | None = None,
-    size: str = "reference",
-    drop_order: Sequence[int] | None = None,
-    engine: str = "eager",
-) -> VLMBackend:
-    """Build a backend by name: `base_vlm` from a trained checkpoint directory, `molmoe_arch` at a size
-    preset (random weights). `drop_order` (ascending importance) replaces the default one; `engine`
-    (molmoe_arch only) picks eager or CUDA-graph generation."""
-    if name == "base_vlm":
-        if not checkpoint_dir:
-            raise ValueError("backend base_vlm needs a checkpoint directory (base_model)")
-        from core.base_vlm import BaseVLMBackend
-
-        backend: VLMBackend = BaseVLMBackend.from_pretrained(checkpoint_dir, device=device)
-    elif name == "molmoe_arch":
-        from core.molmoe_arch import MolmoeArchBackend
-
-        backend = MolmoeArchBackend(size=size, device=device, engine=engine)
-    else:
-        raise ValueError(f"backend={name!r} is unknown (choose from: {', '.join(BACKENDS)})")
-    if drop_order is not None:
-        backend.set_drop_order(drop_order)
-    return backend

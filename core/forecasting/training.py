@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.dlinear import DLinear
-from core.forecast_data import ForecastDataError, ForecastDatasets, StandardScaler
+from core.forecasting.dlinear import DLinear
+from core.forecasting.windows import ForecastDataError, ForecastDatasets, StandardScaler
 
 
 @dataclass

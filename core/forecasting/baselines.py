@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.forecast_data import ForecastDataError
+from core.forecasting.windows import ForecastDataError
 
 BASELINES: tuple[str, ...] = ("persistence", "seasonal_naive", "moving_average")
 MINUTES_PER_DAY = 1440

@@ -18,7 +18,7 @@ Knobs (applied inside `knobs_applied`, which restores the model exactly afterwar
                        must run because the cache length (positions, causal mask) is read from it.
 
 Engines: "eager" runs transformers' forward per token (DynamicCache), which is launch-bound and
-host-jittery on a GPU; "graph" (`core.graph_engine`) replays vision, prefill and each decode step
+host-jittery on a GPU; "graph" (`core.vlm.graph_engine`) replays vision, prefill and each decode step
 as captured CUDA graphs over a StaticCache, which times the kernels alone.
 
 Latency only: weights are random, so answers are meaningless (accuracy is NaN in profiles). Text is
@@ -43,9 +43,10 @@ from PIL import Image
 from torch import nn
 
 from core.knobs import MOLMOE_SPACE, TIERS, KnobConfig, KnobSpace, active_blocks, default_drop_order
-from core.graph_engine import GraphedGenerator
+from core.vlm.graph_engine import GraphedGenerator
 from core.timing import StageClock
-from core.vlm_backend import ENGINES, GenerationResult, VQASample
+from core.vlm.backend import ENGINES, GenerationResult
+from core.vqa.sample import VQASample
 
 # CLIP image normalisation.
 _CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -256,7 +257,7 @@ class MolmoeArchBackend:
         bf16 on a GPU, fp32 on a CPU. `experts_implementation` is passed to transformers
         (None = its default, "grouped_mm" where available); the one in use is `self.experts_implementation`.
         `engine`: "eager" (DynamicCache, one Python-dispatched forward per token) or "graph" (StaticCache,
-        vision / prefill / decode replayed as CUDA graphs: `core.graph_engine`; on a CPU the same
+        vision / prefill / decode replayed as CUDA graphs: `core.vlm.graph_engine`; on a CPU the same
         static-cache path runs eagerly).
         """
         from transformers import OlmoeConfig, OlmoeForCausalLM

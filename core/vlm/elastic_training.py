@@ -7,7 +7,7 @@ Drawing random subsets, not only the default drop order, keeps the model usable 
 drop order the importance experiment measures later.
 
 Two stages. Stage 1 trains the vision side alone with the dense region reader of
-`core.region_reader` (sign words first, then colours and shapes too). Stage 2 trains everything on
+`core.vlm.region_reader` (sign words first, then colours and shapes too). Stage 2 trains everything on
 the answers (several questions per image), the reader loss beside. Per epoch of stage 2: train over
 the mixed train split, score greedy answers on the val split at the full and the minimal config and
 the reader at every tier, call `on_epoch(record)`, and checkpoint (weights + reader + optimizer +
@@ -29,12 +29,12 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from core.base_vlm import BaseVLM, BaseVLMConfig, apply_knobs, build_base_vlm, space_for, token_boxes
+from core.vlm.base_vlm import BaseVLM, BaseVLMConfig, apply_knobs, build_base_vlm, space_for, token_boxes
 from core.knobs import TIERS, KnobConfig, KnobSpace
-from core.region_reader import ReaderTargets, RegionReader, batch_targets, reader_accuracy, reader_loss, token_targets
-from core.vlm_backend import VQASample
-from core.vqa_metrics import vqa_score
-from core.vqa_suite import DATASETS, Annotations, load_split, sample_annotations
+from core.vlm.region_reader import ReaderTargets, RegionReader, batch_targets, reader_accuracy, reader_loss, token_targets
+from core.vqa.sample import VQASample
+from core.vqa.metrics import vqa_score
+from core.vqa.suite import DATASETS, Annotations, load_split, sample_annotations
 
 STATE_FILE = "training_state.pt"
 HISTORY_FILE = "history.json"
@@ -130,7 +130,7 @@ def _examples(samples: Sequence[VQASample], seed: int, cache_crops: bool = False
 
 def reader_targets(model: BaseVLM, batch: Sequence[_Example], grid: tuple[int, int]) -> ReaderTargets:
     """Region-reader targets of a batch whose images share one size and tiling `grid`; the global
-    view's tokens carry no word target (see `core.region_reader.token_targets`)."""
+    view's tokens carry no word target (see `core.vlm.region_reader.token_targets`)."""
     boxes = token_boxes(batch[0].sample.image.size, grid, model.config)
     readable = torch.arange(boxes.shape[0]) >= model.config.tokens_per_crop
     return batch_targets([token_targets(e.annotations.regions, boxes, readable) for e in batch])

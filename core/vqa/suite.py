@@ -30,7 +30,7 @@ from typing import Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
-from core.vlm_backend import VQASample
+from core.vqa.sample import VQASample
 
 DATASETS: tuple[str, ...] = ("synth_textvqa", "synth_countvqa", "synth_attrvqa")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
