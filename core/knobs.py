@@ -18,6 +18,8 @@ from itertools import product
 from typing import Iterable, Sequence
 
 TIERS: tuple[str, ...] = ("low", "medium", "high")
+# The knob names, as columns of every table (profile rows, controller data, estimator inputs).
+KNOBS: tuple[str, ...] = ("tier", "top_k", "num_active_blocks")
 
 
 class KnobOutOfSpaceError(ValueError):

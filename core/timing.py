@@ -73,6 +73,26 @@ class StageClock:
         return float(sum(self.durations_ms().get(name, [])))
 
 
+# Latency components of one answer (ms), as the profile schema names them: stages and their sum.
+STAGE_COLUMNS: tuple[str, ...] = ("T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_total_ms")
+# What the latency estimator predicts, by short name: decode is per decode forward (output_tokens - 1).
+PREDICTED_COMPONENTS: dict[str, str] = {
+    "vision": "T_vision_ms",
+    "prefill": "T_prefill_ms",
+    "decode": "T_decode_per_token_ms",
+}
+
+
+def coefficient_of_variation(values: Sequence[float]) -> float:
+    """The project's one CV: sample standard deviation (ddof 1: repeats are few) over the mean;
+    0.0 for fewer than two values or a non-positive mean. Pandas' `.std()` uses the same ddof."""
+    xs = [float(x) for x in values]
+    if len(xs) < 2:
+        return 0.0
+    mean = statistics.fmean(xs)
+    return statistics.stdev(xs) / mean if mean > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class RepeatedTiming:
     """Median and spread of repeated measurements, in ms."""
@@ -80,7 +100,7 @@ class RepeatedTiming:
     median_ms: float
     p10_ms: float
     p90_ms: float
-    cv: float  # coefficient of variation (std / mean)
+    cv: float  # coefficient_of_variation of the samples
     samples_ms: tuple[float, ...]
 
 
@@ -88,15 +108,13 @@ def summarize_ms(samples_ms: Sequence[float]) -> RepeatedTiming:
     if not samples_ms:
         raise ValueError("no timing samples")
     xs = sorted(float(x) for x in samples_ms)
-    mean = statistics.fmean(xs)
-    std = statistics.pstdev(xs) if len(xs) > 1 else 0.0
 
     def q(p: float) -> float:
         pos = p * (len(xs) - 1)
         lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
         return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
-    return RepeatedTiming(statistics.median(xs), q(0.1), q(0.9), std / mean if mean > 0 else 0.0, tuple(xs))
+    return RepeatedTiming(statistics.median(xs), q(0.1), q(0.9), coefficient_of_variation(xs), tuple(xs))
 
 
 def time_callable_ms(

@@ -7,33 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import sys
 from pathlib import Path
 
-# entry point name -> python module holding `Params` and `main`
-ENTRY_POINT_MODULES: dict[str, str] = {
-    "pipeline": "mlflow_projects.pipeline",
-    "train_predictor": "entry_points.train_predictor",
-    "tune": "entry_points.tune",
-    "promote": "entry_points.promote",
-    "train_base_model": "entry_points.train_base_model",
-    "evaluate_base_model": "entry_points.evaluate_base_model",
-    "importance": "entry_points.importance",
-    "profile": "entry_points.profile",
-    "train_estimator": "entry_points.train_estimator",
-    "evaluate_estimator": "entry_points.evaluate_estimator",
-    "visualize_estimator": "entry_points.visualize_estimator",
-}
+from entry_points.catalog import MODULES, load
+from tracking.cli import field_help, field_kind
 
 MLPROJECT_PATH = Path(__file__).resolve().parents[1] / "MLproject"
 TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "string"}
-
-
-def _type_name(annotation: object) -> str:
-    if isinstance(annotation, str):
-        return {"int": "int", "float": "float", "bool": "bool"}.get(annotation, "string")
-    return TYPE_NAMES.get(annotation, "string")  # type: ignore[arg-type]
 
 
 def _default(value: object) -> str:
@@ -54,13 +35,16 @@ def render() -> str:
         "",
         "entry_points:",
     ]
-    for name, module_name in ENTRY_POINT_MODULES.items():
-        params_cls = importlib.import_module(module_name).Params
+    for name, module_name in MODULES.items():
+        params_cls = load(name).params
+        helps = field_help(params_cls)
         lines.append(f"  {name}:")
         lines.append("    parameters:")
         args = []
         for field in dataclasses.fields(params_cls):
-            lines.append(f"      {field.name}: {{type: {_type_name(field.type)}, default: {_default(field.default)}}}")
+            comment = f"  # {helps[field.name]}" if field.name in helps else ""
+            kind = TYPE_NAMES[field_kind(field)]
+            lines.append(f"      {field.name}: {{type: {kind}, default: {_default(field.default)}}}{comment}")
             args.append(f"--{field.name} {{{field.name}}}")
         lines.append(f"    command: \"python -m {module_name} {' '.join(args)}\"")
     return "\n".join(lines) + "\n"

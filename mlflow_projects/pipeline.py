@@ -18,9 +18,10 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tracking.cli import exit_on_input_error, parse_params, params_as_dict
-from tracking.run_context import REPO_ROOT, entry_point_run, git_commit
-from tracking.store import study_for
+from entry_points import catalog
+from tracking.entry_point import EntryPoint
+from tracking.run_context import REPO_ROOT, git_commit
+from tracking.store import PIPELINE_STUDY
 
 
 @dataclass
@@ -64,9 +65,7 @@ def steps_for(params: Params) -> list[Step]:
         Step("train_predictor", "train_predictor", lambda done: {
             "trace": params.trace, "num_days": str(params.num_days), "num_epochs": str(params.predictor_epochs),
         }),
-        Step("promote_predictor", "promote", lambda done: {
-            "model_name": "workload-predictor", "metric": "test_wape_mean", "mode": "min",
-        }, reusable=False),
+        Step("promote_predictor", "promote", lambda done: {"model_name": "workload-predictor"}, reusable=False),
     ]
     if params.base_checkpoint and not (Path(params.base_checkpoint) / "base_vlm_config.json").is_file():
         print(f"pipeline: no base-VLM checkpoint at {params.base_checkpoint}: skipping the base-VLM steps "
@@ -105,9 +104,7 @@ def estimator_steps(params: Params, results_dir: str, profile_step: str | None) 
         }),
         Step("evaluate_estimator", "evaluate_estimator", lambda done: {**table, "model": done["train_estimator"]}),
         Step("visualize_estimator", "visualize_estimator", lambda done: {**table, "model": done["train_estimator"]}),
-        Step("promote_estimator", "promote", lambda done: {
-            "model_name": "latency-estimator", "metric": "test_mape_mean", "mode": "min",
-        }, reusable=False),
+        Step("promote_estimator", "promote", lambda done: {"model_name": "latency-estimator"}, reusable=False),
     ]
 
 
@@ -115,7 +112,7 @@ def find_reusable_run(entry_point: str, parameters: Mapping[str, str], commit: s
     """The latest FINISHED run of `entry_point` with these parameters at this clean commit, if any."""
     if commit.endswith("-dirty") or commit == "unknown":
         return None  # uncommitted code: a matching commit hash proves nothing
-    experiment = mlflow.get_experiment_by_name(study_for(entry_point))
+    experiment = mlflow.get_experiment_by_name(catalog.load(entry_point).study_for())
     if experiment is None:
         return None
     runs = MlflowClient().search_runs(
@@ -143,40 +140,50 @@ def run_step(step: Step, parameters: dict[str, str], parent_run_id: str, commit:
     print(f"pipeline: step {step.name}: running entry point {step.entry_point} with {parameters}")
     submitted = mlflow.run(
         str(REPO_ROOT), entry_point=step.entry_point, parameters=parameters, env_manager="local",
-        experiment_name=study_for(step.entry_point), run_name=step.name, synchronous=True,
+        experiment_name=catalog.load(step.entry_point).study_for(), run_name=step.name, synchronous=True,
     )
     client.set_tag(submitted.run_id, "mlflow.parentRunId", parent_run_id)
     client.set_tag(submitted.run_id, "pipeline_step", step.name)
     return StepOutcome(step.name, submitted.run_id, reused=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    params = parse_params(Params, argv, prog="pipeline")
+def prepare(params: Params) -> None:
     if params.trace != "synthetic" and not Path(params.trace).is_file():
         raise FileNotFoundError(f"trace file {params.trace} does not exist")
+
+
+def execute(params: Params, prepared: None) -> dict[str, object]:
     commit = git_commit()
+    pipeline_run_id = mlflow.active_run().info.run_id
     outcomes: list[StepOutcome] = []
-    with entry_point_run("pipeline", params_as_dict(params)) as pipeline_run:
-        done: dict[str, str] = {}
-        for step in steps_for(params):
-            parameters = step.parameters(done)
-            outcome = run_step(step, parameters, pipeline_run.info.run_id, commit, params.force_rerun)
-            done[step.name] = outcome.run_id
-            outcomes.append(outcome)
-            mlflow.set_tags({f"step_{step.name}_run_id": outcome.run_id, f"step_{step.name}_reused": str(outcome.reused)})
-        mlflow.log_metric("steps_reused", sum(o.reused for o in outcomes))
-        mlflow.log_metric("steps_executed", sum(not o.reused for o in outcomes))
-    print(f"pipeline run {pipeline_run.info.run_id} (git {commit}):")
-    for o in outcomes:
-        print(f"  {o.name:<22} run {o.run_id}  {'reused' if o.reused else 'executed'}")
+    done: dict[str, str] = {}
+    for step in steps_for(params):
+        outcome = run_step(step, step.parameters(done), pipeline_run_id, commit, params.force_rerun)
+        done[step.name] = outcome.run_id
+        outcomes.append(outcome)
+        mlflow.set_tags({f"step_{step.name}_run_id": outcome.run_id, f"step_{step.name}_reused": str(outcome.reused)})
+    mlflow.log_metric("steps_reused", sum(o.reused for o in outcomes))
+    mlflow.log_metric("steps_executed", sum(not o.reused for o in outcomes))
+    return {"commit": commit, "outcomes": outcomes}
+
+
+def summary(params: Params, outcome: Mapping[str, object]) -> str:
+    outcomes = outcome["outcomes"]
+    reused = sum(o.reused for o in outcomes)  # type: ignore[union-attr]
+    lines = [f"{len(outcomes)} steps ({reused} reused) at git {outcome['commit']}"]  # type: ignore[arg-type]
+    for o in outcomes:  # type: ignore[union-attr]
+        lines.append(f"  {o.name:<22} run {o.run_id}  {'reused' if o.reused else 'executed'}")
     for name in ("base-vlm", "latency-estimator", "workload-predictor"):
         try:
             mv = MlflowClient().get_model_version_by_alias(name, "champion")
-            print(f"  registered model {name}: champion = version {mv.version} (models:/{name}@champion)")
+            lines.append(f"  registered model {name}: champion = version {mv.version} (models:/{name}@champion)")
         except mlflow.exceptions.MlflowException:
             pass
-    return 0
+    return "\n".join(lines)
 
+
+ENTRY_POINT = EntryPoint("pipeline", Params, study=PIPELINE_STUDY, execute=execute, summary=summary, prepare=prepare)
+main = ENTRY_POINT.main
 
 if __name__ == "__main__":
-    sys.exit(exit_on_input_error(main))
+    sys.exit(main())

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_run_lands_in_the_study_experiment_with_tags_and_params(tracking_store):
-    with entry_point_run("train_predictor", {"lr": 0.01, "trace": "synthetic"}) as run:
+    with entry_point_run("train_predictor", {"lr": 0.01, "trace": "synthetic"}, study="workload-forecasting") as run:
         pass
     stored = MlflowClient().get_run(run.info.run_id)
     assert mlflow.get_experiment(stored.info.experiment_id).name == "workload-forecasting"
@@ -34,7 +34,7 @@ def test_run_lands_in_the_study_experiment_with_tags_and_params(tracking_store):
 
 def test_exception_marks_run_failed_with_error_tag_and_reraises(tracking_store):
     with pytest.raises(ZeroDivisionError):
-        with entry_point_run("train_predictor", {}) as run:
+        with entry_point_run("train_predictor", {}, study="workload-forecasting") as run:
             1 / 0
     stored = MlflowClient().get_run(run.info.run_id)
     assert stored.info.status == "FAILED"
@@ -43,7 +43,7 @@ def test_exception_marks_run_failed_with_error_tag_and_reraises(tracking_store):
 
 
 def test_epoch_metrics_use_epoch_as_step_and_history_csvs_are_artifacts(tracking_store, tmp_path):
-    with entry_point_run("train_predictor", {}) as run:
+    with entry_point_run("train_predictor", {}, study="workload-forecasting") as run:
         logger = EpochLogger(["train_loss"], ["val_loss"], flush_every=2)
         for epoch in range(1, 6):
             logger.log(epoch, {"train_loss": 1.0 / epoch, "val_loss": 2.0 / epoch})
@@ -59,14 +59,14 @@ def test_epoch_metrics_use_epoch_as_step_and_history_csvs_are_artifacts(tracking
 
 def test_dataset_inputs_carry_their_context(tracking_store):
     frame = pd.DataFrame({"x": range(10)})
-    with entry_point_run("train_predictor", {}) as run:
+    with entry_point_run("train_predictor", {}, study="workload-forecasting") as run:
         for context in ("training", "validation", "test"):
             log_dataset_input(frame.iloc[:3], f"part-{context}", context, {"generator": "test", "seed": "0"})
     inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     contexts = {i.dataset.name: [t.value for t in i.tags if t.key == "mlflow.data.context"][0] for i in inputs}
     assert contexts == {"part-training": "training", "part-validation": "validation", "part-test": "test"}
     with pytest.raises(ValueError, match="context"):
-        with entry_point_run("train_predictor", {}):
+        with entry_point_run("train_predictor", {}, study="workload-forecasting"):
             log_dataset_input(frame, "x", "train", "whatever")
 
 
@@ -153,9 +153,8 @@ def test_mlproject_matches_the_entry_points_params():
 
 def _quadratic_target():
     """A tiny trainable target: per-epoch val_loss converges to (x - 0.3)^2."""
-    from types import SimpleNamespace
-
-    from tracking.tuning import FloatParam, Objective
+    from tracking.entry_point import EntryPoint
+    from tracking.tuning import FloatParam, Objective, Tuning
 
     @dataclasses.dataclass
     class Params:
@@ -163,7 +162,7 @@ def _quadratic_target():
         num_epochs: int = 10
         register: bool = False
 
-    def execute(params, epoch_hook=None):
+    def execute(params, prepared, epoch_hook=None):
         for epoch in range(1, params.num_epochs + 1):
             val_loss = (params.x - 0.3) ** 2 + 1.0 / epoch
             mlflow.log_metric("val_loss", val_loss, step=epoch)
@@ -171,8 +170,8 @@ def _quadratic_target():
                 epoch_hook(epoch, {"val_loss": val_loss})
         return {"val_loss": val_loss}
 
-    return SimpleNamespace(Params=Params, SEARCH_SPACE=[FloatParam("x", -3.0, 3.0)],
-                           OBJECTIVE=Objective("val_loss", "minimize"), execute=execute)
+    return EntryPoint("quadratic", Params, study="tune-test", execute=execute, summary=lambda p, m: "",
+                      tuning=Tuning([FloatParam("x", -3.0, 3.0)], Objective("val_loss", "minimize")))
 
 
 def test_study_trials_are_nested_runs_and_pruned_ones_are_tagged(tracking_store, tmp_path):

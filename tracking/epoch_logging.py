@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import mlflow
 import pandas as pd
@@ -68,3 +68,19 @@ class EpochLogger:
         ):
             present = ["epoch"] + [c for c in columns if c in frame.columns]
             log_csv(frame[present], name)
+
+
+def epoch_callback(
+    logger: EpochLogger, epoch_hook: Callable[[int, Mapping[str, float]], None] | None = None
+) -> Callable[[int, Mapping[str, float]], None]:
+    """on_epoch(epoch, metrics) for a core trainer: log the epoch's metrics, then call `epoch_hook`
+    (tune's pruning hook) after a flush, so a pruned trial keeps the epochs it ran."""
+
+    def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+        values = {k: float(v) for k, v in metrics.items() if k != "epoch"}
+        logger.log(epoch, values)
+        if epoch_hook is not None:
+            logger.flush()
+            epoch_hook(epoch, values)
+
+    return on_epoch

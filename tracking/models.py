@@ -10,6 +10,7 @@ import pandas as pd
 from mlflow.models import infer_signature
 from mlflow.types.schema import ColSpec, Schema
 
+from tracking.registry import Promotion, record_promotion
 from tracking.run_context import REPO_ROOT
 
 BASE_REQUIREMENTS = ("mlflow", "torch", "pandas", "numpy")
@@ -32,14 +33,17 @@ def log_pyfunc_model(
     extra_requirements: tuple[str, ...] = (),  # package names; pinned to the installed versions
     params: dict[str, Any] | None = None,
     optional_inputs: tuple[str, ...] = (),
-) -> Any:
-    """Log a pyfunc model with `core/` and `tracking/` shipped as code, so it loads in a fresh process anywhere."""
+    promotion: Promotion | None = None,
+) -> int | None:
+    """Log a pyfunc model with `core/` and `tracking/` shipped as code, so it loads in a fresh process
+    anywhere; register it under `registered_model_name` when given (storing `promotion` on the
+    registered model). Returns the registered version, or None when not registered."""
     signature = infer_signature(input_example, output_example, params=params)
     if optional_inputs:  # columns a caller may leave out (the model fills a default)
         signature.inputs = Schema([
             ColSpec(c.type, c.name, required=c.name not in optional_inputs) for c in signature.inputs.inputs
         ])
-    return mlflow.pyfunc.log_model(
+    info = mlflow.pyfunc.log_model(
         name=name,
         python_model=python_model,
         artifacts=artifacts,
@@ -49,3 +53,8 @@ def log_pyfunc_model(
         pip_requirements=pip_requirements(*extra_requirements),
         registered_model_name=registered_model_name,
     )
+    if not registered_model_name:
+        return None
+    if promotion is not None:
+        record_promotion(promotion, registered_model_name)
+    return int(info.registered_model_version)

@@ -1,4 +1,4 @@
-"""Model registry: register, alias, load by alias, and promotion by a held-out metric."""
+"""Model registry: each trainer's declared promotion metric, and promotion of the best version by it."""
 
 from __future__ import annotations
 
@@ -22,16 +22,6 @@ def require_model(name: str, client: MlflowClient | None = None) -> None:
         raise RegistryError(f"registered model {name!r} does not exist in {mlflow.get_tracking_uri()}") from None
 
 
-def register(model_uri: str, name: str, tags: dict[str, str] | None = None) -> str:
-    """Register `model_uri` under `name`; returns the new version number as a string."""
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    return str(version.version)
-
-
-def set_alias(name: str, alias: str, version: str) -> None:
-    MlflowClient().set_registered_model_alias(name, alias, str(version))
-
-
 def version_by_alias(name: str, alias: str) -> str:
     require_model(name)
     try:
@@ -40,14 +30,42 @@ def version_by_alias(name: str, alias: str) -> str:
         raise RegistryError(f"registered model {name!r} has no alias {alias!r}") from None
 
 
-def model_uri_by_alias(name: str, alias: str = "champion") -> str:
-    version_by_alias(name, alias)  # fail with a clear line if the alias is missing
-    return f"models:/{name}@{alias}"
+@dataclass(frozen=True)
+class Promotion:
+    """How a trainer's registered model is compared: its held-out metric and direction.
+
+    Declared once by the trainer, stored as tags on the registered model when a version is
+    registered, and read back by `promote` (so `-P model_name=...` is all it needs).
+    """
+
+    model_name: str
+    metric: str
+    mode: str  # "min" | "max"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"promotion mode must be 'min' or 'max', got {self.mode!r}")
 
 
-def load_by_alias(name: str, alias: str = "champion"):
-    """Load the pyfunc model that `alias` points to."""
-    return mlflow.pyfunc.load_model(model_uri_by_alias(name, alias))
+PROMOTION_METRIC_TAG, PROMOTION_MODE_TAG = "promotion_metric", "promotion_mode"
+
+
+def record_promotion(promotion: Promotion, name: str | None = None) -> None:
+    """Store the promotion metric and mode on registered model `name` (default: promotion.model_name)."""
+    client = MlflowClient()
+    name = name or promotion.model_name
+    client.set_registered_model_tag(name, PROMOTION_METRIC_TAG, promotion.metric)
+    client.set_registered_model_tag(name, PROMOTION_MODE_TAG, promotion.mode)
+
+
+def declared_promotion(name: str) -> Promotion | None:
+    """The promotion metric and mode that the trainer of `name` stored, or None (older registrations)."""
+    client = MlflowClient()
+    require_model(name, client)
+    tags = client.get_registered_model(name).tags
+    if PROMOTION_METRIC_TAG not in tags:
+        return None
+    return Promotion(name, tags[PROMOTION_METRIC_TAG], tags.get(PROMOTION_MODE_TAG, "min"))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import mlflow
 from mlflow.entities import RunStatus
 
-from tracking.store import configure_tracking, study_for
+from tracking.store import configure_tracking
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_TAG_CHARS = 5000
@@ -45,19 +45,18 @@ def entry_point_run(
     entry_point: str,
     params: Mapping[str, Any],
     *,
+    study: str,
     run_name: str | None = None,
     nested: bool = False,
     tags: Mapping[str, str] | None = None,
     log_system_metrics: bool = False,
-    study: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open (or resume, under `mlflow run`) the run of one entry point and log its params.
+    """Open (or resume, under `mlflow run`) the run of one entry point in experiment `study` and log its params.
 
     On an exception the run is ended FAILED with `error` and `error_type` tags, and the exception
     propagates, so nothing is left RUNNING.
     """
     configure_tracking()
-    study = study or study_for(entry_point)
     resumed_run_id = os.environ.get("MLFLOW_RUN_ID") if not nested else None
     if not resumed_run_id and not nested:
         mlflow.set_experiment(study)

@@ -1,7 +1,4 @@
-"""Where runs go: the tracking URI (embedded SQLite by default, a team server when set) and studies.
-
-An experiment per study keeps `mlflow ui` readable: every entry point belongs to one study.
-"""
+"""Where runs go: the tracking URI (embedded SQLite by default, a team server when set)."""
 
 from __future__ import annotations
 
@@ -13,27 +10,15 @@ import mlflow
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
-# entry point -> study (MLflow experiment name)
-STUDY_OF_ENTRY_POINT: dict[str, str] = {
-    "train_predictor": "workload-forecasting",
-    "train_base_model": "adaptive-vlm",
-    "evaluate_base_model": "adaptive-vlm",
-    "importance": "adaptive-vlm",
-    "profile": "adaptive-vlm",
-    "train_estimator": "adaptive-vlm",
-    "evaluate_estimator": "adaptive-vlm",
-    "visualize_estimator": "adaptive-vlm",
-    "promote": "model-promotion",
-    "pipeline": "pipeline",
-}
+# One MLflow experiment per study keeps `mlflow ui` readable; each entry point names its study.
+FORECASTING_STUDY = "workload-forecasting"
+ADAPTIVE_VLM_STUDY = "adaptive-vlm"
+PROMOTION_STUDY = "model-promotion"
+PIPELINE_STUDY = "pipeline"
 
 
 class TrackingServerError(RuntimeError):
     """The configured tracking server cannot be reached."""
-
-
-def study_for(entry_point: str) -> str:
-    return STUDY_OF_ENTRY_POINT.get(entry_point, entry_point)
 
 
 def configure_tracking() -> str:

@@ -1,28 +1,27 @@
 """Optuna studies over any trainable entry point, each trial a nested MLflow run.
 
-A trainable entry point module exposes:
-  Params         a dataclass of its parameters (defaults in one place)
-  SEARCH_SPACE   a list of ParamSpec declared next to the trainer
-  OBJECTIVE      an Objective: the held-out metric to optimise and its direction
-  execute(params, epoch_hook=None) -> dict of final metrics, run inside an active MLflow run;
-                 epoch_hook(epoch, metrics) is called after every epoch.
+A trainable entry point (`tracking.entry_point.EntryPoint`) declares `tuning`: its search space
+and objective, next to the trainer. Its `prepare(params)` and `execute(params, prepared,
+epoch_hook)` run each trial inside an active MLflow run; `epoch_hook(epoch, metrics)` is called
+after every epoch (the pruner's report).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import random
 import time
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import mlflow
 import optuna
 import sqlalchemy.exc
 from optuna_integration.mlflow import MLflowCallback
+
+if TYPE_CHECKING:
+    from tracking.entry_point import EntryPoint
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 _CREATE_ATTEMPTS = 5
@@ -73,6 +72,14 @@ class Objective:
     direction: str  # "minimize" | "maximize"
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """What `tune` may vary in a trainer, and what it optimises."""
+
+    search_space: Sequence["ParamSpec"]
+    objective: Objective
+
+
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
@@ -84,17 +91,6 @@ PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
     "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
     "none": lambda: optuna.pruners.NopPruner(),
 }
-
-
-def load_target(target: str, known: Sequence[str]) -> ModuleType:
-    """The entry-point module of a trainable target, or TuneError naming the choices."""
-    if target not in known:
-        raise TuneError(f"target={target!r} is not a tunable entry point (choose from: {', '.join(known)})")
-    module = importlib.import_module(f"entry_points.{target}")
-    for attr in ("Params", "SEARCH_SPACE", "OBJECTIVE", "execute"):
-        if not hasattr(module, attr):
-            raise TuneError(f"entry point {target!r} lacks {attr}, so it cannot be tuned")
-    return module
 
 
 def make_study(
@@ -125,18 +121,20 @@ def make_study(
 
 
 def run_study(
-    module: ModuleType,
+    entry: "EntryPoint",
     study: optuna.Study,
     n_trials: int,
     timeout_s: float | None,
     fixed_params: Mapping[str, Any] | None = None,
 ) -> optuna.Study:
-    """Run trials of `module.execute`, each inside a nested MLflow run of the active parent run.
+    """Run trials of `entry.execute`, each inside a nested MLflow run of the active parent run.
 
     Per-epoch metrics go to the trial's run and to the pruner; a pruned trial is tagged
     `state=PRUNED` and `pruned=true`.
     """
-    objective_spec: Objective = module.OBJECTIVE
+    if entry.tuning is None:
+        raise TuneError(f"entry point {entry.name!r} declares no search space, so it cannot be tuned")
+    objective_spec = entry.tuning.objective
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("run_study needs an active parent MLflow run")
@@ -148,8 +146,8 @@ def run_study(
 
     @callback.track_in_mlflow()
     def objective(trial: optuna.Trial) -> float:
-        suggested = {spec.name: spec.suggest(trial) for spec in module.SEARCH_SPACE}
-        params = dataclasses.replace(module.Params(), **{**(fixed_params or {}), **suggested})
+        suggested = {spec.name: spec.suggest(trial) for spec in entry.tuning.search_space}
+        params = dataclasses.replace(entry.params(), **{**(fixed_params or {}), **suggested})
         mlflow.set_tags({"optuna_study": study.study_name, "optuna_trial": str(trial.number), "parent_tune_run": parent.info.run_id})
         mlflow.log_params({k: str(v) for k, v in dataclasses.asdict(params).items() if k not in suggested})
 
@@ -163,8 +161,24 @@ def run_study(
                 trial.set_user_attr("pruned_at_epoch", epoch)
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-        metrics = module.execute(params, epoch_hook=epoch_hook)
+        metrics = entry.execute(params, entry.prepare(params), epoch_hook=epoch_hook)
         return float(metrics[objective_spec.metric])
 
     study.optimize(objective, n_trials=n_trials, timeout=timeout_s, callbacks=[callback], catch=())
     return study
+
+
+def study_outcome(study: optuna.Study, objective: Objective) -> dict[str, float]:
+    """Log the study's trial counts by state, the best trial's params and value on the active run;
+    returns them (`trials_<state>`, `best_<objective metric>`)."""
+    states: dict[str, int] = {}
+    for trial in study.trials:
+        states[trial.state.name] = states.get(trial.state.name, 0) + 1
+    metrics: dict[str, float] = {f"trials_{state.lower()}": float(n) for state, n in states.items()}
+    if any(t.value is not None for t in study.trials):
+        best = study.best_trial
+        mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+        mlflow.set_tag("best_trial", str(best.number))
+        metrics[f"best_{objective.metric}"] = float(best.value)
+    mlflow.log_metrics(metrics)
+    return metrics
