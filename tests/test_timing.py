@@ -48,7 +48,7 @@ def test_time_callable_reports_median_of_repeats():
 def test_summarize_ms_known_values():
     summary = summarize_ms([10.0, 20.0, 30.0])
     assert summary.median_ms == 20.0
-    assert summary.cv == pytest.approx((200.0 / 3) ** 0.5 / 20.0)
+    assert summary.cv == pytest.approx(10.0 / 20.0)  # sample std (ddof 1) of 10, 20, 30 is 10
 
 
 def test_decode_per_token_divides_by_decode_forwards():
