@@ -4,7 +4,6 @@ tokens per minute) from a BurstGPT-format trace, with baselines, registered as `
 from __future__ import annotations
 
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,17 +11,15 @@ from typing import Any, Mapping
 import mlflow
 import pandas as pd
 
-from core.forecasting import evaluation, plots
-from core.forecasting.burstgpt import CHANNELS, load_trace, per_minute_series
-from core.forecasting.metrics import error_by_load_level
-from core.forecasting.training import Forecaster, ForecastTrainConfig, predict, train_dlinear
+from core.forecasting import evaluation
+from core.forecasting.burstgpt import CHANNELS, load_trace, per_minute_series, trace_source
+from core.forecasting.training import Forecaster, ForecastTrainConfig, train_dlinear
 from core.forecasting.windows import ForecastDataError, ForecastDatasets, build_datasets
-from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_figure, log_json, log_text
+from tracking.artifacts import frame_digest, log_csv, log_figures, log_json, log_split_inputs, log_text
 from tracking.cli import comma_list, config_from_params
 from tracking.entry_point import EntryPoint, EpochHook
 from tracking.epoch_logging import EpochLogger, epoch_callback
-from tracking.models import log_pyfunc_model
-from tracking.pyfunc_models import ForecasterPyfunc
+from tracking.pyfunc_models import log_forecaster
 from tracking.registry import Promotion
 from tracking.run_context import set_data_digest
 from tracking.store import FORECASTING_STUDY
@@ -63,18 +60,10 @@ class Params:
     log_system_metrics: bool = False
 
 
-TUNING = Tuning(
-    search_space=[
-        FloatParam("lr", 1e-4, 3e-2, log=True),
-        FloatParam("weight_decay", 1e-7, 1e-3, log=True),
-        CategoricalParam("batch_size", (64, 128, 256, 512)),
-        IntParam("kernel_size", 5, 49, step=4),
-        CategoricalParam("decomposition", (True, False)),
-    ],
-    objective=Objective(metric="val_loss", direction="minimize"),
-)
-TRAINING_COLUMNS = ("train_loss", "lr", "epoch_time_s")
-VALIDATION_COLUMNS = ("val_loss", "val_mae", "is_best")
+TUNING = Tuning([FloatParam("lr", 1e-4, 3e-2, log=True), FloatParam("weight_decay", 1e-7, 1e-3, log=True),
+                 CategoricalParam("batch_size", (64, 128, 256, 512)), IntParam("kernel_size", 5, 49, step=4),
+                 CategoricalParam("decomposition", (True, False))], Objective("val_loss", "minimize"))
+HISTORY_COLUMNS = (("train_loss", "lr", "epoch_time_s"), ("val_loss", "val_mae", "is_best"))  # training / validation CSVs
 
 
 @dataclass
@@ -86,13 +75,9 @@ class Prepared:
 
 def prepare(params: Params) -> Prepared:
     """Check the parameters, read (or generate) the trace and build the windows: every input error surfaces here."""
-    for name in ("num_days", "num_threads", "moving_average_window"):
-        if getattr(params, name) <= 0:
-            raise ForecastDataError(f"{name} must be > 0, got {getattr(params, name)}")
+    for name in (n for n in ("num_days", "num_threads", "moving_average_window") if getattr(params, n) <= 0):
+        raise ForecastDataError(f"{name} must be > 0, got {getattr(params, name)}")
     config_from_params(ForecastTrainConfig, params).validate()
-    if not 0 < params.train_frac < 1 or not 0 < params.val_frac < 1 or params.train_frac + params.val_frac >= 1:
-        raise ForecastDataError(
-            f"train_frac={params.train_frac} and val_frac={params.val_frac} must be in (0, 1) and sum below 1")
     if params.trace != "synthetic" and not Path(params.trace).is_file():
         raise FileNotFoundError(f"trace file {params.trace} does not exist")
     trace = load_trace(params.trace, seed=params.trace_seed, num_days=params.num_days,
@@ -101,29 +86,18 @@ def prepare(params: Params) -> Prepared:
     series = per_minute_series(trace)
     data = build_datasets(series[list(CHANNELS)].to_numpy(), params.seq_len, params.horizon, params.stride,
                           params.train_frac, params.val_frac, channels=CHANNELS)
-    source: str | dict[str, str] = (
-        {"generator": "core.forecasting.burstgpt.generate_synthetic_trace", "seed": str(params.trace_seed),
-         "num_days": str(params.num_days)} if params.trace == "synthetic" else str(Path(params.trace).resolve()))
-    return Prepared(series, data, source)
-
-
-def _log_split(prepared: Prepared) -> None:
-    series, split = prepared.series, prepared.data.split
-    set_data_digest(frame_digest(series))
-    for context, start, end in (("training", 0, split.val_start), ("validation", split.val_start, split.test_start),
-                                ("test", split.test_start, len(series))):
-        log_dataset_input(series.iloc[start:end], name=f"burstgpt-per-minute-{context}", context=context,
-                          source=prepared.source)
-    mlflow.log_params({"split_train_minutes": split.val_start, "split_val_minutes": split.test_start - split.val_start,
-                       "split_test_minutes": len(series) - split.test_start, "split": "chronological"})
+    return Prepared(series, data, trace_source(params.trace, params.trace_seed, params.num_days))
 
 
 def execute(params: Params, prepared: Prepared, epoch_hook: EpochHook | None = None) -> dict[str, float]:
     """Train, score DLinear and the baselines on the same val/test windows (original units), log, register."""
-    data = prepared.data
-    _log_split(prepared)
+    data, split = prepared.data, prepared.data.split
+    set_data_digest(frame_digest(prepared.series))
+    log_split_inputs(prepared.series, {"training": slice(0, split.val_start), "validation": slice(split.val_start, split.test_start),
+                                       "test": slice(split.test_start, None)}, "burstgpt-per-minute", prepared.source)
+    mlflow.log_param("split", "chronological (rows are minutes)")
     config = config_from_params(ForecastTrainConfig, params)
-    logger = EpochLogger(TRAINING_COLUMNS, VALIDATION_COLUMNS)
+    logger = EpochLogger(*HISTORY_COLUMNS)
     on_epoch = epoch_callback(logger, epoch_hook)
     checkpoint = Path(params.checkpoint_dir) / "dlinear_checkpoint.pt" if params.checkpoint_dir else None
     try:
@@ -132,39 +106,19 @@ def execute(params: Params, prepared: Prepared, epoch_hook: EpochHook | None = N
     finally:
         logger.close()
 
-    # `best_val_loss`, not `val_loss`: a final value logged at step 0 would pollute the per-epoch curve.
-    metrics: dict[str, float] = {"best_val_loss": result.best_val_loss, "best_epoch": float(result.best_epoch),
-                                 "stopped_early": float(result.stopped_early)}
-    y_val, y_test = data.unscaled("val")[1], data.unscaled("test")[1]
-    pred_test = predict(result.model, data.X_test, data.scaler)
-    metrics.update(evaluation.scores(y_val, predict(result.model, data.X_val, data.scaler), CHANNELS, "val_"))
-    metrics.update(evaluation.scores(y_test, pred_test, CHANNELS, "test_"))
-    metrics.update(evaluation.baseline_scores(data.split.full, data.t0_test, y_test, params.horizon, CHANNELS, metrics,
-                                              params.moving_average_window))
-    mlflow.log_metrics(metrics)
-    metrics["val_loss"] = result.best_val_loss  # the tuning objective, returned only
-
-    by_level = error_by_load_level(y_test, pred_test, CHANNELS)
-    log_csv(by_level, "evaluation/error_by_load_level.csv")
-    log_figure(plots.plot_loss_curves(result.history), "plots/loss_curves.png")
-    log_figure(plots.plot_forecast_vs_actual(y_test, pred_test, CHANNELS), "plots/forecast_vs_actual_test.png")
-    log_figure(plots.plot_error_by_load_level(by_level), "plots/error_by_load_level.png")
+    evaluated = evaluation.evaluate_training(result, data, params.trace, params.train_frac, params.val_frac,
+                                             params.moving_average_window)
+    mlflow.log_metrics(evaluated.metrics)
+    log_csv(evaluated.by_load_level, "evaluation/error_by_load_level.csv")
+    log_figures(evaluated.figures)
+    log_text(evaluated.report, "report.md")
     log_json({"params": asdict(params), "train_config": asdict(config), "best_epoch": result.best_epoch,
               "resumed_from_epoch": result.resumed_from_epoch}, "training_config.json")
-    log_text(evaluation.report_markdown(metrics, CHANNELS, params.trace, params.seq_len, params.horizon,
-                                        params.train_frac, params.val_frac), "report.md")
-
-    forecaster = Forecaster.from_training(result.model, data.scaler, CHANNELS)
-    with tempfile.TemporaryDirectory() as tmp:
-        forecaster.save(Path(tmp) / "forecaster")
-        history = prepared.series[list(CHANNELS)].iloc[-params.seq_len:].reset_index(drop=True)
-        output = forecaster.forecast(history).rename_axis("step").reset_index()
-        version = log_pyfunc_model("model", ForecasterPyfunc(), {"forecaster": str(Path(tmp) / "forecaster")}, history,
-                                   output, registered_model_name=params.model_name if params.register else None,
-                                   promotion=PROMOTION)
-    if version is not None:
-        metrics["registered_version"] = float(version)
-    return metrics
+    history = prepared.series[list(CHANNELS)].iloc[-params.seq_len:].reset_index(drop=True)
+    version = log_forecaster(Forecaster.from_training(result.model, data.scaler, CHANNELS), history,
+                             params.model_name if params.register else None, PROMOTION)
+    # val_loss (the tuning objective) and the version are returned, not logged as final metrics.
+    return {**evaluated.metrics, "val_loss": result.best_val_loss, **({"registered_version": version} if version else {})}
 
 
 def summary(params: Params, metrics: Mapping[str, Any]) -> str:

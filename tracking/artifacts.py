@@ -46,6 +46,12 @@ def log_figure(figure: "plt.Figure", artifact_file: str) -> None:
     plt.close(figure)
 
 
+def log_figures(figures: dict[str, "plt.Figure"], folder: str = "plots") -> None:
+    """Each figure as `<folder>/<stem>.png`."""
+    for stem, figure in figures.items():
+        log_figure(figure, f"{folder}/{stem}.png")
+
+
 def frame_digest(frame: pd.DataFrame) -> str:
     """Short content hash of a dataframe (values and column names)."""
     hashed = pd.util.hash_pandas_object(frame, index=True).values.tobytes()
@@ -65,3 +71,13 @@ def log_dataset_input(
     dataset = mlflow.data.from_pandas(frame, source=resolved, name=name, targets=targets, digest=frame_digest(frame))
     mlflow.log_input(dataset, context=context)
     return dataset.digest
+
+
+def log_split_inputs(
+    frame: pd.DataFrame, parts: dict[str, slice], name_prefix: str, source: str | dict[str, str]
+) -> None:
+    """Each part (context -> row slice of `frame`) as a dataset input `<name_prefix>-<context>`, and
+    its row count as a `split_<context>_rows` param: the split a run was trained and scored on."""
+    for context, rows in parts.items():
+        log_dataset_input(frame.iloc[rows], name=f"{name_prefix}-{context}", context=context, source=source)
+    mlflow.log_params({f"split_{context}_rows": len(frame.iloc[rows]) for context, rows in parts.items()})

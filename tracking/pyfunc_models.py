@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import mlflow
 import pandas as pd
+
+from core.knobs import KNOBS
+from tracking.model_refs import BASE_VLM_ARTIFACT
+from tracking.models import log_pyfunc_model
 
 
 class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
@@ -21,6 +28,15 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         forecast = self.forecaster.forecast(pd.DataFrame(model_input))
         return forecast.rename_axis("step").reset_index()
+
+
+def log_forecaster(forecaster, history: pd.DataFrame, registered_model_name: str | None, promotion=None) -> int | None:
+    """Log a core Forecaster as `model` (input example: `history`), registering it when a name is given."""
+    with tempfile.TemporaryDirectory() as tmp:
+        forecaster.save(Path(tmp) / "forecaster")
+        output = forecaster.forecast(history).rename_axis("step").reset_index()
+        return log_pyfunc_model("model", ForecasterPyfunc(), {"forecaster": str(Path(tmp) / "forecaster")}, history, output,
+                                registered_model_name=registered_model_name, promotion=promotion)
 
 
 def encode_image(image) -> str:
@@ -54,7 +70,7 @@ class BaseVLMPyfunc(mlflow.pyfunc.PythonModel):
         from core.vlm.base_vlm import BaseVLMBackend
 
         # The checkpoint's drop_order.json, if any, is applied by from_pretrained.
-        self.backend = BaseVLMBackend.from_pretrained(context.artifacts["base_vlm"])
+        self.backend = BaseVLMBackend.from_pretrained(context.artifacts[BASE_VLM_ARTIFACT])
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from core.vqa.sample import VQASample
@@ -66,18 +82,38 @@ class BaseVLMPyfunc(mlflow.pyfunc.PythonModel):
                 value = row.get(name)
                 return default if value is None or (isinstance(value, float) and pd.isna(value)) or value == "" else value
 
-            config = space.make(knob("tier", full.tier), int(knob("top_k", full.top_k)),
-                                int(knob("num_active_blocks", full.num_active_blocks)))
+            config = space.make(*(knob(name, getattr(full, name)) for name in KNOBS))
             max_new = int(knob("max_new_tokens", 16))
             sample = VQASample(f"request:{i}", "request", "vqa", decode_image(row["image"]), str(row["question"]), (), max_new)
             result = self.backend.answer(sample, config)
             rows.append({
-                "answer": result.text, "tier": config.tier, "top_k": config.top_k,
-                "num_active_blocks": config.num_active_blocks, "active_blocks": ",".join(map(str, result.active_blocks)),
+                "answer": result.text, **config.as_dict(), "active_blocks": ",".join(map(str, result.active_blocks)),
                 "output_tokens": result.output_tokens, "T_vision_ms": result.T_vision_ms,
                 "T_prefill_ms": result.T_prefill_ms, "T_decode_ms": result.T_decode_ms, "T_total_ms": result.T_total_ms,
             })
         return pd.DataFrame(rows)
+
+
+def log_base_vlm(model, sample, registered_model_name: str | None, promotion=None,
+                 drop_order_file: Path | None = None) -> int | None:
+    """Log a core BaseVLM as `model` (its checkpoint directory, with `drop_order_file` when that exists),
+    `sample` asked at the full config as the input example; registers it when a name is given."""
+    import shutil
+
+    from core.vlm.base_vlm import BaseVLMBackend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = model.save_pretrained(Path(tmp) / BASE_VLM_ARTIFACT)  # pyfunc artifacts keep the directory name
+        if drop_order_file is not None and drop_order_file.is_file():
+            shutil.copy(drop_order_file, checkpoint / drop_order_file.name)
+        answering = BaseVLMPyfunc()
+        answering.backend = BaseVLMBackend.from_pretrained(checkpoint, model.device)
+        model_input = pd.DataFrame([{"image": encode_image(sample.image), "question": sample.question,
+                                     **answering.backend.space.full().as_dict(), "max_new_tokens": sample.max_new_tokens}])
+        return log_pyfunc_model("model", BaseVLMPyfunc(), {BASE_VLM_ARTIFACT: str(checkpoint)}, model_input,
+                                answering.predict(None, model_input), registered_model_name=registered_model_name,
+                                extra_requirements=("transformers", "pillow", "safetensors", "tokenizers"),
+                                optional_inputs=(*KNOBS, "max_new_tokens"), promotion=promotion)
 
 
 class LatencyEstimatorPyfunc(mlflow.pyfunc.PythonModel):

@@ -261,6 +261,13 @@ def load_trace(
     return read_burstgpt_csv(trace, models=models, log_types=log_types)
 
 
+def trace_source(trace: str, seed: int = 0, num_days: int = 61) -> str | dict[str, str]:
+    """Where a trace comes from, for the record: the CSV's absolute path, or the generator and its arguments."""
+    if trace == "synthetic":
+        return {"generator": f"{__name__}.generate_synthetic_trace", "seed": str(seed), "num_days": str(num_days)}
+    return str(Path(trace).resolve())
+
+
 # ------------------------------------------------------------------------------- per-minute series
 def per_minute_series(trace: pd.DataFrame) -> pd.DataFrame:
     """Aggregate a trace into load per minute.

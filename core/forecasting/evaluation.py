@@ -6,12 +6,19 @@ scales (requests vs tokens), so promotion compares versions by `test_wape_mean`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from torch import nn
 
 from core.forecasting.baselines import BASELINES, baseline_forecast
-from core.forecasting.metrics import forecast_metrics, skill
+from core.forecasting.metrics import error_by_load_level, forecast_metrics, skill
+from core.forecasting.plots import evaluation_figures
+from core.forecasting.training import TrainResult, predict
+from core.forecasting.windows import ForecastDatasets
 
 
 def wape(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -42,6 +49,20 @@ def baseline_scores(
     return out
 
 
+def evaluate_forecaster(
+    model: nn.Module, data: ForecastDatasets, moving_average_window: int = 60
+) -> tuple[dict[str, float], np.ndarray]:
+    """The model on the val and test windows (`val_`/`test_` scores, original units) and every
+    baseline with the model's skill against it on the same test windows; also the test forecasts."""
+    y_val, y_test = data.unscaled("val")[1], data.unscaled("test")[1]
+    pred_test = predict(model, data.X_test, data.scaler)
+    metrics = scores(y_val, predict(model, data.X_val, data.scaler), data.channels, "val_")
+    metrics.update(scores(y_test, pred_test, data.channels, "test_"))
+    metrics.update(baseline_scores(data.split.full, data.t0_test, y_test, data.horizon, data.channels, metrics,
+                                   moving_average_window))
+    return metrics, pred_test
+
+
 def report_markdown(
     metrics: Mapping[str, float], channels: Sequence[str], trace: str, seq_len: int, horizon: int,
     train_frac: float, val_frac: float,
@@ -61,3 +82,32 @@ def report_markdown(
     lines += ["", f"Test WAPE (mean over channels) {metrics['test_wape_mean']:.4f}; best epoch {int(metrics['best_epoch'])}, "
               f"best val loss {metrics['best_val_loss']:.5f}."]
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ForecastEvaluation:
+    """Everything a training run reports: final metrics, the error-by-load table, figures, report."""
+
+    metrics: dict[str, float]
+    by_load_level: pd.DataFrame
+    figures: dict[str, Figure] = field(default_factory=dict)
+    report: str = ""
+
+
+def evaluate_training(
+    result: TrainResult, data: ForecastDatasets, trace: str, train_frac: float, val_frac: float,
+    moving_average_window: int = 60,
+) -> ForecastEvaluation:
+    """Score a finished training on the held-out windows, against the baselines, with its figures.
+
+    `best_val_loss` (not `val_loss`): a final value under a per-epoch name would add a point to that curve.
+    """
+    metrics = {"best_val_loss": result.best_val_loss, "best_epoch": float(result.best_epoch),
+               "stopped_early": float(result.stopped_early)}
+    scored, pred_test = evaluate_forecaster(result.model, data, moving_average_window)
+    metrics.update(scored)
+    y_test = data.unscaled("test")[1]
+    by_level = error_by_load_level(y_test, pred_test, data.channels)
+    return ForecastEvaluation(
+        metrics, by_level, evaluation_figures(result.history, y_test, pred_test, by_level, data.channels),
+        report_markdown(metrics, data.channels, trace, data.seq_len, data.horizon, train_frac, val_frac))

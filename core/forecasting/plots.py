@@ -82,3 +82,15 @@ def plot_error_by_load_level(table: pd.DataFrame, path: str | Path | None = None
         ax.tick_params(axis="x", labelrotation=30)
     fig.suptitle("Error by load level")
     return _maybe_save(fig, path)
+
+
+def evaluation_figures(
+    history: Sequence[EpochRecord], y_test: np.ndarray, pred_test: np.ndarray, by_level: pd.DataFrame,
+    channels: Sequence[str],
+) -> dict[str, Figure]:
+    """The run's figures by file stem: loss curves, test forecast vs actual, error by load level."""
+    return {
+        "loss_curves": plot_loss_curves(history),
+        "forecast_vs_actual_test": plot_forecast_vs_actual(y_test, pred_test, channels),
+        "error_by_load_level": plot_error_by_load_level(by_level),
+    }
