@@ -4,7 +4,7 @@ Usage: python benchmarks/bench_estimator.py [--rows 100000] [--epochs 50] [--tra
 Goals (two CPU cores): 50 epochs over 100k profiling rows <= 30 s; batched inference >= 1M configs/s;
 one request <= 0.1 ms (the original study's estimator target). Prints figures, asserts nothing.
 
-The table comes from the test suite's synthetic law (tests/test_estimator.py: MolmoE knob space,
+The table comes from the test suite's synthetic law (tests/helpers.py `synthetic_profile`: MolmoE knob space,
 75 configs per sample, 1% noise): `--rows` training rows plus a separate 20% validation table.
 """
 
@@ -24,9 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
 
-from core.latency.estimator import EstimatorConfig, evaluate_predictor, train_estimator  # noqa: E402
 from core.knobs import MOLMOE_SPACE, TIERS  # noqa: E402
-from tests.test_estimator import synthetic_profile  # noqa: E402
+from core.latency.estimator import EstimatorConfig, train_estimator  # noqa: E402
+from core.latency.evaluation import evaluate_predictor  # noqa: E402
+from core.latency.features import raw_matrix  # noqa: E402
+from tests.helpers import synthetic_profile  # noqa: E402
 
 
 def random_configs(n: int, seed: int = 0) -> pd.DataFrame:
@@ -87,8 +89,7 @@ def main() -> None:
           f"within10 {metrics['val_within10']:.3f}")
 
     frame = random_configs(args.configs)
-    from core.latency.estimator import raw_matrix  # the array path skips the DataFrame in and out
-    raw = raw_matrix(frame)
+    raw = raw_matrix(frame)  # the array path skips the DataFrame in and out
     # Both thread counts: on a shared host a second intra-op thread can wait on a busy core.
     for threads in sorted({1, args.infer_threads}):
         torch.set_num_threads(threads)

@@ -15,13 +15,12 @@ from core.forecasting import evaluation
 from core.forecasting.burstgpt import CHANNELS, load_trace, per_minute_series, trace_source
 from core.forecasting.training import Forecaster, ForecastTrainConfig, train_dlinear
 from core.forecasting.windows import ForecastDataError, ForecastDatasets, build_datasets
-from tracking.artifacts import frame_digest, log_csv, log_figures, log_json, log_split_inputs, log_text
+from tracking.artifacts import log_csv, log_figures, log_json, log_split_inputs, log_text
 from tracking.cli import comma_list, config_from_params
 from tracking.entry_point import EntryPoint, EpochHook
 from tracking.epoch_logging import EpochLogger, epoch_callback
 from tracking.pyfunc_models import log_forecaster
 from tracking.registry import Promotion
-from tracking.run_context import set_data_digest
 from tracking.store import FORECASTING_STUDY
 from tracking.tuning import CategoricalParam, FloatParam, IntParam, Objective, Tuning
 
@@ -68,9 +67,9 @@ HISTORY_COLUMNS = (("train_loss", "lr", "epoch_time_s"), ("val_loss", "val_mae",
 
 @dataclass
 class Prepared:
-    series: pd.DataFrame
-    data: ForecastDatasets
-    source: str | dict[str, str]
+    series: pd.DataFrame  # load per minute, all channels
+    data: ForecastDatasets  # the scaled windows of the chronological split
+    source: str | dict[str, str]  # where the trace came from, for the dataset inputs
 
 
 def prepare(params: Params) -> Prepared:
@@ -80,10 +79,9 @@ def prepare(params: Params) -> Prepared:
     config_from_params(ForecastTrainConfig, params).validate()
     if params.trace != "synthetic" and not Path(params.trace).is_file():
         raise FileNotFoundError(f"trace file {params.trace} does not exist")
-    trace = load_trace(params.trace, seed=params.trace_seed, num_days=params.num_days,
-                       models=comma_list(params.models, "models") or None,
-                       log_types=comma_list(params.log_types, "log_types") or None)
-    series = per_minute_series(trace)
+    series = per_minute_series(load_trace(params.trace, params.trace_seed, params.num_days,
+                                          comma_list(params.models, "models") or None,
+                                          comma_list(params.log_types, "log_types") or None))
     data = build_datasets(series[list(CHANNELS)].to_numpy(), params.seq_len, params.horizon, params.stride,
                           params.train_frac, params.val_frac, channels=CHANNELS)
     return Prepared(series, data, trace_source(params.trace, params.trace_seed, params.num_days))
@@ -92,17 +90,15 @@ def prepare(params: Params) -> Prepared:
 def execute(params: Params, prepared: Prepared, epoch_hook: EpochHook | None = None) -> dict[str, float]:
     """Train, score DLinear and the baselines on the same val/test windows (original units), log, register."""
     data, split = prepared.data, prepared.data.split
-    set_data_digest(frame_digest(prepared.series))
     log_split_inputs(prepared.series, {"training": slice(0, split.val_start), "validation": slice(split.val_start, split.test_start),
-                                       "test": slice(split.test_start, None)}, "burstgpt-per-minute", prepared.source)
-    mlflow.log_param("split", "chronological (rows are minutes)")
+                                       "test": slice(split.test_start, None)}, "burstgpt-per-minute", prepared.source,
+                     kind="chronological (rows are minutes)")
     config = config_from_params(ForecastTrainConfig, params)
     logger = EpochLogger(*HISTORY_COLUMNS)
     on_epoch = epoch_callback(logger, epoch_hook)
     checkpoint = Path(params.checkpoint_dir) / "dlinear_checkpoint.pt" if params.checkpoint_dir else None
     try:
-        result = train_dlinear(data, config, on_epoch=lambda record: on_epoch(record.epoch, asdict(record)),
-                               checkpoint_path=checkpoint)
+        result = train_dlinear(data, config, lambda record: on_epoch(record.epoch, asdict(record)), checkpoint)
     finally:
         logger.close()
 
@@ -122,10 +118,8 @@ def execute(params: Params, prepared: Prepared, epoch_hook: EpochHook | None = N
 
 
 def summary(params: Params, metrics: Mapping[str, Any]) -> str:
-    version = f"; registered {params.model_name} version {int(metrics['registered_version'])}" if "registered_version" in metrics else ""
-    return ("test MAE " + ", ".join(f"{ch}={metrics[f'test_mae_{ch}']:.3f}" for ch in CHANNELS)
-            + " (persistence: " + ", ".join(f"{metrics[f'baseline_persistence_test_mae_{ch}']:.3f}" for ch in CHANNELS)
-            + f"), test WAPE {metrics['test_wape_mean']:.4f}{version}")
+    version = f"; registered {params.model_name} version {metrics['registered_version']}" if "registered_version" in metrics else ""
+    return evaluation.headline(metrics, CHANNELS) + version
 
 
 ENTRY_POINT = EntryPoint("train_predictor", Params, study=FORECASTING_STUDY, execute=execute, summary=summary,

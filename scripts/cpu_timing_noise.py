@@ -2,7 +2,7 @@
 
 Picks `--items` random (sample, config) pairs, then times each `--repeats` times back to back, in
 `--passes` passes over all items in shuffled orders. Reports per latency component:
-  within-burst CV      the spread of the back-to-back repeats (fast noise),
+  within-burst CV      the spread of the back-to-back repeats (fast noise; sample std / mean),
   pass-to-pass error   median |a - b| / mean(a, b) between two passes' single timings and between
                        their medians of the repeats (what a profiling table's rows disagree by).
 If the median of repeats does not shrink the pass-to-pass error, the noise is slow (seconds): more
@@ -30,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from core.timing import STAGE_COLUMNS, coefficient_of_variation  # noqa: E402
 from core.vlm.registry import load_backend  # noqa: E402
 from core.vqa.suite import DATASETS, load_split  # noqa: E402
-
-COMPONENTS = ("T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_total_ms")
 
 
 def relative_gap(a: float, b: float) -> float:
@@ -41,15 +40,16 @@ def relative_gap(a: float, b: float) -> float:
 
 
 def summarise(bursts: dict[int, list[list[dict[str, float]]]]) -> dict[str, dict[str, float]]:
-    """Per component: median within-burst CV and pass-0 vs pass-1 gaps (single timing, median of repeats)."""
+    """Per component: median within-burst CV (the sample CV, ddof 1, of `core.timing.coefficient_of_variation`)
+    and pass-0 vs pass-1 gaps (single timing, median of repeats)."""
     out = {}
-    for comp in COMPONENTS:
+    for comp in STAGE_COLUMNS:
         cvs, single, median_gap = [], [], []
         for passes in bursts.values():
             for burst in passes:
                 xs = [r[comp] for r in burst]
                 if len(xs) > 1 and statistics.mean(xs) > 0:
-                    cvs.append(statistics.pstdev(xs) / statistics.mean(xs))
+                    cvs.append(coefficient_of_variation(xs))
             if len(passes) > 1:
                 first, second = [r[comp] for r in passes[0]], [r[comp] for r in passes[1]]
                 single.append(relative_gap(first[0], second[0]))

@@ -25,12 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from core.knobs import KnobConfig  # noqa: E402
+from core.profiling.planning import PROBE_IMAGE_SIZE  # noqa: E402
+from core.timing import coefficient_of_variation  # noqa: E402
 from core.vlm.molmoe_arch import MolmoeArchBackend, image_crops, prompt_token_ids, synthetic_latency_samples  # noqa: E402
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    return {"median_ms": round(statistics.median(values), 4),
-            "cv": round(statistics.pstdev(values) / statistics.mean(values), 4)}
+    """Median and sample CV (ddof 1: `core.timing.coefficient_of_variation`)."""
+    return {"median_ms": round(statistics.median(values), 4), "cv": round(coefficient_of_variation(values), 4)}
 
 
 def _time(fn, repeats: int) -> list[float]:  # noqa: ANN001
@@ -49,7 +51,7 @@ def probe(backend: MolmoeArchBackend, config: KnobConfig, repeats: int) -> dict[
     from transformers import StaticCache
 
     lm, dev = backend.lm, backend.device
-    sample = synthetic_latency_samples([16], [(640, 480)], n=1, max_new_tokens=8, seed=0)[0]
+    sample = synthetic_latency_samples([16], [PROBE_IMAGE_SIZE], n=1, max_new_tokens=8, seed=0)[0]
     blocks = backend.blocks_for(config)
     with torch.inference_mode(), backend.knobs_applied(config.top_k, blocks):
         rows, cols = backend.crops_for(sample.image, config.tier)

@@ -31,15 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from core.knobs import KnobConfig  # noqa: E402
-from core.vlm.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
+from core.profiling.planning import PROBE_IMAGE_SIZE  # noqa: E402
+from core.timing import PREDICTED_COMPONENTS, coefficient_of_variation  # noqa: E402
 from core.vlm.backend import ENGINES  # noqa: E402
+from core.vlm.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
 
-STAGES = ("T_vision_ms", "T_prefill_ms", "T_decode_per_token_ms", "T_total_ms")
+# What the latency estimator predicts (decode per decode forward) and the end-to-end sum.
+STAGES = (*PREDICTED_COMPONENTS.values(), "T_total_ms")
 
 
 def summarise(values: list[float]) -> dict[str, float]:
+    """Median, sample CV (ddof 1: `core.timing.coefficient_of_variation`; NaN for one value), min, max."""
     median = statistics.median(values)
-    cv = statistics.pstdev(values) / statistics.mean(values) if len(values) > 1 else float("nan")
+    cv = coefficient_of_variation(values) if len(values) > 1 else float("nan")
     return {"median": round(median, 3), "cv": round(cv, 4), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
@@ -58,7 +62,7 @@ def main() -> None:
         torch.set_num_threads(1)
     t0 = time.perf_counter()
     backend = MolmoeArchBackend(args.size, seed=0, engine=args.engine)
-    sample = synthetic_latency_samples([16], [(640, 480)], n=1, max_new_tokens=args.output_tokens, seed=0)[0]
+    sample = synthetic_latency_samples([16], [PROBE_IMAGE_SIZE], n=1, max_new_tokens=args.output_tokens, seed=0)[0]
     space = backend.space
     configs = [space.full(), space.minimal(), KnobConfig("medium", space.top_k_options[2], space.block_options[2])]
     print(f"built on {backend.device} in {time.perf_counter() - t0:.1f} s; configs {[c.key for c in configs]}", flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -24,16 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from core.knobs import KnobConfig  # noqa: E402
-from core.vlm.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
-from core.vlm.backend import ENGINES  # noqa: E402
-from core.profiling.store import ProfileStore  # noqa: E402
+from core.knobs import TIERS, KnobConfig  # noqa: E402
+from core.profiling.planning import PROBE_IMAGE_SIZE, latency_probe_name, latency_probe_samples  # noqa: E402
 from core.profiling.profiler import ProfileSweepConfig, run_sweep  # noqa: E402
-
-COMPONENTS = ("T_vision_ms", "T_prefill_ms", "T_decode_per_token_ms", "T_decode_ms", "T_total_ms")
+from core.profiling.store import ProfileStore  # noqa: E402
+from core.profiling.summaries import knob_step_effects, median_run_to_run_cv, medians_by_knob_option  # noqa: E402
+from core.vlm.backend import ENGINES  # noqa: E402
+from core.vlm.molmoe_arch import MolmoeArchBackend  # noqa: E402
 
 
 class DeadlineReached(Exception):
@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
                    help="graph: StaticCache + CUDA-graph replay of vision, prefill and decode (core/vlm/graph_engine.py)")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 64])
     p.add_argument("--output-tokens", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--image-size", nargs="+", default=["640x480"],
+    p.add_argument("--image-size", nargs="+", default=["{}x{}".format(*PROBE_IMAGE_SIZE)],
                    help="WxH of the probe images (several: samples cycle over prompt length x image size)")
     p.add_argument("--pin-cpu", type=int, default=None,
                    help="pin the process to this CPU core and use one torch thread: the launch-bound decode "
@@ -78,17 +78,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="where the merged Parquet and summary.json go")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
-
-
-def knob_medians(df: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
-    """{knob: {option: {component: median ms}}} over all rows of that option."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for knob in ("tier", "top_k", "num_active_blocks"):
-        med = df.groupby(knob)[list(COMPONENTS)].median()
-        if knob == "tier":
-            med = med.reindex([t for t in ("low", "medium", "high") if t in med.index])
-        out[knob] = {str(k): {c: round(float(v), 3) for c, v in row.items()} for k, row in med.iterrows()}
-    return out
 
 
 def main() -> None:
@@ -111,17 +100,14 @@ def main() -> None:
     )
 
     store = ProfileStore(args.store)
-    samples_by_ds = {
-        f"latency_probe_out{n}": synthetic_latency_samples(
-            args.prompt_lengths, sizes, n=len(args.prompt_lengths) * len(sizes), max_new_tokens=n,
-            seed=args.seed, dataset=f"latency_probe_out{n}",
-        )
-        for n in args.output_tokens
-    }
+    samples_by_ds: dict[str, list] = {}
+    for n in args.output_tokens:  # one probe data set per output length, a sample per (prompt length, image size)
+        samples_by_ds.update(latency_probe_samples(args.prompt_lengths, n, len(args.prompt_lengths) * len(sizes),
+                                                   args.seed, image_sizes=sizes))
     # Pre-warm every tier (one vision/prefill shape each) and both top_k extremes before timing.
     for samples in samples_by_ds.values():
         for s in samples:
-            for tier in ("low", "medium", "high"):
+            for tier in TIERS:
                 for k in (backend.space.top_k_options[0], backend.space.top_k_options[-1]):
                     backend.answer(s, KnobConfig(tier, k, backend.space.num_blocks), force_output_tokens=2)
     full = backend.answer(samples_by_ds[next(iter(samples_by_ds))][-1], backend.space.full(), force_output_tokens=8)
@@ -134,7 +120,7 @@ def main() -> None:
     guarded = DeadlineBackend(backend, deadline)
     stopped = False
     for n in args.output_tokens:
-        ds = f"latency_probe_out{n}"
+        ds = latency_probe_name(n)
         config = ProfileSweepConfig(
             backend="molmoe_arch", dataset_names=(ds,), num_samples=len(samples_by_ds[ds]), num_runs=args.runs,
             shard=0, num_shards=args.num_shards, seed=args.seed, warmup=args.warmup, flush_every=args.flush_every,
@@ -150,11 +136,7 @@ def main() -> None:
 
     df = store.load()
     wall_s = time.perf_counter() - t0
-    cv = (
-        df.groupby(["sample_id", "tier", "top_k", "num_active_blocks"])["T_total_ms"]
-        .agg(lambda x: x.std(ddof=0) / x.mean() if len(x) > 1 else float("nan"))
-        .dropna()
-    )
+    median_cv = float(median_run_to_run_cv(df, ("T_total_ms",))["T_total_ms"])  # sample CV (ddof 1), NaN with one run
     result = {
         "command": " ".join(sys.argv),
         "pin_cpu": args.pin_cpu,
@@ -167,17 +149,12 @@ def main() -> None:
         "rows_per_dataset": {k: int(v) for k, v in df["dataset"].value_counts().sort_index().items()},
         "complete": not stopped,
         "wall_s": round(wall_s, 1),
-        "median_cv_T_total": round(float(cv.median()), 5) if len(cv) else None,
-        "medians_by_knob": {ds: knob_medians(part) for ds, part in df.groupby("dataset")},
-    }
-    try:  # paired per-step effects (needs matplotlib through core.profiling.plots)
-        from core.profiling.plots import knob_step_effects
-
-        result["step_effects_T_total_ms"] = {
+        "median_cv_T_total": None if math.isnan(median_cv) else round(median_cv, 5),
+        "medians_by_knob": {ds: medians_by_knob_option(part) for ds, part in df.groupby("dataset")},
+        "step_effects_T_total_ms": {
             ds: knob_step_effects(part, "T_total_ms").to_dict(orient="records") for ds, part in df.groupby("dataset")
-        }
-    except ImportError as exc:
-        print(f"(no paired step effects: {exc})")
+        },
+    }
     if args.out:
         out = Path(args.out)
         store.merge(out)
@@ -192,7 +169,7 @@ def main() -> None:
                 for o, v in by_opt.items()
             ]
             print(f"  {knob:18s} " + " | ".join(cells))
-        for step in result.get("step_effects_T_total_ms", {}).get(ds, []):
+        for step in result["step_effects_T_total_ms"][ds]:
             print(f"  step {step['knob']:18s} {step['step']:14s} {step['delta_ms']:+9.2f} ms T_total (paired median, n={step['pairs']})")
 
 if __name__ == "__main__":

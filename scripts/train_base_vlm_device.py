@@ -5,7 +5,7 @@ the entry point's recipe defaults; this script only adds what a bare accelerator
 tracking store, a wall-clock deadline checked between epochs (the checkpoint directory then resumes
 with the same command), and the outputs the entry point's `from_checkpoint` registers:
 
-  <output-dir>/             the checkpoint (`BaseVLM.save_pretrained`)
+  <output-dir>/             the checkpoint (`core.vlm.elastic_training.export_trained`), with
   <output-dir>/history.json per-epoch records (logged as per-epoch metrics on registration)
   <output-dir>/training_config.json  the full ElasticTrainConfig
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from core.vlm.elastic_training import ElasticTrainConfig, train_base_vlm  # noqa: E402
+from core.vlm.elastic_training import ElasticTrainConfig, export_trained, train_base_vlm  # noqa: E402
 
 
 class DeadlineReached(Exception):
@@ -81,10 +81,7 @@ def main() -> int:
     except DeadlineReached:
         print(f"deadline reached: rerun the same command to resume from {args.checkpoint_dir}")
         return 3
-    out = Path(args.output_dir)
-    model.save_pretrained(out)
-    (out / "history.json").write_text(json.dumps(history, indent=2))
-    (out / "training_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    out = export_trained(model, history, config, args.output_dir)
     print(f"trained in {time.perf_counter() - start:.0f}s; final {history[-1] if history else {}}; wrote {out}")
     return 0
 

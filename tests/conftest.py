@@ -22,6 +22,8 @@ def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
+    # An experiment made active by an earlier test belongs to another store.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     while mlflow.active_run():
         mlflow.end_run()
     yield uri
@@ -43,9 +45,9 @@ def subprocess_env(tracking_store: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def synthetic_profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small ProfileStore results directory (read-only for tests): two data sets of 5 samples x 75
-    MolmoE configs x 2 runs each, latencies from tests/test_estimator.py's known law with 1% noise."""
+    MolmoE configs x 2 runs each, latencies from tests.helpers.moe_law with 1% noise."""
     from core.profiling.store import ProfileStore
-    from tests.test_estimator import synthetic_profile
+    from tests.helpers import synthetic_profile
 
     results_dir = tmp_path_factory.mktemp("profiles") / "synthetic"
     store = ProfileStore(results_dir)

@@ -7,14 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.vlm.base_vlm import BaseVLM, BaseVLMBackend, BaseVLMConfig, apply_knobs, build_base_vlm, space_for
-from core.knobs import BASE_VLM_SPACE, KnobConfig, KnobOutOfSpaceError
+from core.knobs import BASE_VLM_SPACE, KNOBS, KnobConfig, KnobOutOfSpaceError
+from core.vlm.base_vlm import BaseVLM, BaseVLMBackend, apply_knobs, build_base_vlm, space_for
 from core.vqa.suite import load_split
-
-TINY = BaseVLMConfig(
-    crop_px=16, patch_px=8, vision_dim=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,
-    d_model=32, num_blocks=6, num_heads=2, num_experts=8, expert_dim=32, default_top_k=4,
-)
+from tests.helpers import TINY_BASE_VLM as TINY
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +27,13 @@ def _logits(model, sample):
     return model.prompt_logits(sample.image, sample.question)
 
 
-def test_tiny_space_has_the_shared_shape(model):
+def test_a_smaller_model_gets_a_space_scaled_to_it(model):
     space = space_for(model.config)
-    assert len(space.top_k_options) == 5 and len(space.block_options) == 5
+    assert space.top_k_options == (1, 2, 3, 4, 6) and space.block_options == (2, 3, 4, 5, 6)
     assert space.num_blocks == 6 and space.full().num_active_blocks == 6
 
 
-@pytest.mark.parametrize("knob", ["tier", "top_k", "num_active_blocks"])
+@pytest.mark.parametrize("knob", KNOBS)
 def test_each_knob_alone_changes_the_logits(model, sample, knob):
     space = space_for(model.config)
     full = space.full()
@@ -128,8 +124,11 @@ def test_answer_reports_crops_tokens_and_active_blocks_per_tier(model, sample):
     space = backend.space
     crops = []
     for tier in ("low", "medium", "high"):
-        r = backend.answer(sample, KnobConfig(tier, 4, space.block_options[0]), max_new_tokens=2)
-        assert r.vision_tokens == (r.crops + 1) * TINY.tokens_per_crop
+        config = KnobConfig(tier, 4, space.block_options[0])
+        r = backend.answer(sample, config, max_new_tokens=2)
+        with apply_knobs(model, config, space):
+            pixels, grid = model.preprocess(sample.image)
+            assert r.vision_tokens == model.encode_crops(pixels[None], grid).shape[1]  # the tokens the decoder saw
         assert r.active_blocks[0] == 0 and r.active_blocks[-1] == TINY.num_blocks - 1
         assert r.T_vision_ms > 0 and r.T_prefill_ms > 0
         crops.append(r.crops)

@@ -1,92 +1,36 @@
 """Latency estimator: splits, scalers, learning a known latency law, best-weight restore,
 checkpoints, input errors and the prediction interface.
 
-`synthetic_profile` builds a profiling table (valid under the profile schema) from a known law plus
-multiplicative noise; the baseline tests and the benchmark reuse it.
+The profiling tables come from `tests.helpers.synthetic_profile` (a known law plus multiplicative
+noise), which the baseline tests, the entry-point fixtures and the benchmark share.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from core.latency.estimator import (
-    FEATURES,
-    OUTPUT_COLUMNS,
-    EstimatorConfig,
+from core.latency.baselines import LinearBaseline
+from core.latency.data import (
     EstimatorError,
-    LatencyEstimator,
-    evaluate_predictor,
-    epoch_lr,
-    feature_matrix,
-    knob_levels,
+    knob_value,
     load_profile_table,
-    predict_groups,
     prepare_table,
     split_by_sample,
     split_heldout_config,
-    train_estimator,
+    split_record,
 )
-from core.latency.baselines import LinearBaseline
-from core.knobs import MOLMOE_SPACE, KnobSpace, active_blocks
-from core.profiling.schema import PROFILE_COLUMNS, encode_list
+from core.latency.estimator import EstimatorConfig, LatencyEstimator, best_epoch_metrics, epoch_lr, train_estimator
+from core.latency.evaluation import evaluate_predictor, predict_groups
+from core.latency.features import FEATURES, OUTPUT_COLUMNS, feature_matrix, knob_levels
+from tests.helpers import synthetic_profile
 
 torch.set_num_threads(1)
-
-Law = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
-
-
-def moe_law(vision_tokens: np.ndarray, text_tokens: np.ndarray, top_k: np.ndarray, blocks: np.ndarray):
-    """vision = 0.5 ms/token; prefill = blocks x tokens x (0.01 + 0.002 k); decode = blocks x (0.3 + 0.05 k)."""
-    vision = 0.5 * vision_tokens
-    prefill = blocks * (vision_tokens + text_tokens) * (0.01 + 0.002 * top_k)
-    decode = blocks * (0.3 + 0.05 * top_k)
-    return vision, prefill, decode
-
-
-def synthetic_profile(num_samples: int = 20, num_runs: int = 2, noise: float = 0.01, seed: int = 0,
-                      space: KnobSpace = MOLMOE_SPACE, law: Law = moe_law, dataset: str = "synthetic") -> pd.DataFrame:
-    """A full-grid profiling table: every sample x config x run, latencies = law x exp(N(0, noise)).
-
-    Each sample draws its text length (8..128 tokens), answer length (1..16 tokens; sample 0 answers
-    with one token, so decode per token is undefined there) and crops per tier (half the tier's cap
-    up to the cap).
-    """
-    rng = np.random.default_rng(seed)
-    grid = space.grid()
-    tier = np.array([c.tier for c in grid])
-    top_k = np.array([c.top_k for c in grid], dtype=float)
-    blocks = np.array([c.num_active_blocks for c in grid], dtype=float)
-    block_lists = {b: encode_list(active_blocks(space.num_blocks, b)) for b in space.block_options}
-    frames = []
-    for s in range(num_samples):
-        text = int(rng.integers(8, 129))
-        output_tokens = 1 if s == 0 else int(rng.integers(2, 17))
-        crops_of = {t: int(rng.integers(max(1, cap // 2), cap + 1)) for t, cap in space.tier_max_crops.items()}
-        crops = np.array([crops_of[t] for t in tier])
-        vision_tokens = (crops + 1) * space.tokens_per_crop
-        v, p, d = law(vision_tokens.astype(float), np.full(len(grid), float(text)), top_k, blocks)
-        for run in range(num_runs):
-            noise_v, noise_p, noise_d = np.exp(rng.normal(0.0, noise, (3, len(grid))))
-            per_token = d * noise_d if output_tokens > 1 else np.zeros(len(grid))
-            decode = per_token * (output_tokens - 1)
-            frames.append(pd.DataFrame({
-                "sample_id": f"{dataset}:test:{s}", "dataset": dataset, "task": "synthetic", "question": f"q{s}",
-                "tier": tier, "crops": crops, "vision_tokens": vision_tokens, "text_tokens": text,
-                "top_k": top_k.astype(int), "num_active_blocks": blocks.astype(int),
-                "active_blocks": [block_lists[int(b)] for b in blocks], "output_tokens": output_tokens,
-                "T_vision_ms": v * noise_v, "T_prefill_ms": p * noise_p, "T_decode_ms": decode,
-                "T_decode_per_token_ms": per_token, "T_total_ms": v * noise_v + p * noise_p + decode,
-                "accuracy": rng.integers(0, 2, len(grid)).astype(float), "prediction": "a", "answers": '["a"]',
-                "run_index": run, "device": "cpu", "backend": space.name,
-            }))
-    return pd.concat(frames, ignore_index=True)[list(PROFILE_COLUMNS)]
-
 
 FAST = EstimatorConfig(num_epochs=20, lr=2e-3, seed=0)
 
@@ -136,6 +80,20 @@ def test_heldout_config_split_never_trains_on_the_heldout_value(table):
 def test_heldout_config_rejects_a_value_outside_the_knob_space(table):
     with pytest.raises(EstimatorError, match="top_k=7"):
         split_heldout_config(table, knob="top_k", value=7)
+    assert knob_value("top_k", "8", "heldout_value") == 8 and knob_value("tier", "low") == "low"
+    assert knob_value("top_k", "") is None
+    with pytest.raises(EstimatorError, match="heldout_value='eight'"):
+        knob_value("top_k", "eight", "heldout_value")
+
+
+def test_split_record_names_every_sample_of_both_splits_as_json(table):
+    by_sample, heldout = split_by_sample(table, seed=1), split_heldout_config(table, value=np.int64(8))
+    record = json.loads(json.dumps(split_record(by_sample, heldout)))  # JSON-able: a numpy value became a plain one
+    assert sorted(sum(record["by_sample"].values(), [])) == sorted(set(table["sample_id"]))
+    assert set(record["by_sample"]["test"]) == set(by_sample.test["sample_id"])
+    assert record["heldout_config"]["knob"] == "top_k" and record["heldout_config"]["value"] == 8
+    assert set(record["heldout_config"]["val"]) == set(heldout.val["sample_id"])
+    assert "heldout_config" not in split_record(by_sample)
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -188,15 +146,22 @@ def test_mlp_learns_the_synthetic_law_and_beats_the_linear_baseline(trained):
     assert mlp["test_mape_total"] < linear["baseline_linear_test_mape_total"]
 
 
-def test_history_has_the_seed_metric_names_and_feeds_the_callback(trained):
+def test_history_has_the_per_epoch_metric_names_and_feeds_the_callback(trained):
     _, model, history, calls = trained
     assert len(history) == FAST.num_epochs and calls == history
     for name in ("train_loss", "val_loss", "train_mae_prefill", "train_mae_decode", "train_rel_error_prefill",
                  "train_rel_error_decode", "val_mae_prefill", "val_mae_decode", "val_rel_error_prefill",
-                 "val_rel_error_decode"):
+                 "val_rel_error_decode", "val_rel_error_mean"):
         assert np.isfinite([r[name] for r in history]).all(), name
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert model.meta["best_epoch"] == 1 + int(np.argmin([r["val_loss"] for r in history]))
+    # the tuning objective: the mean relative error over the three predicted components
+    last = history[-1]
+    assert last["val_rel_error_mean"] == pytest.approx(
+        np.mean([last[f"val_rel_error_{c}"] for c in ("vision", "prefill", "decode")]))
+    best = best_epoch_metrics(model, history)
+    assert best["best_epoch"] == model.meta["best_epoch"]
+    assert best["best_val_loss"] == min(r["val_loss"] for r in history)
 
 
 def test_cosine_schedule_anneals_the_learning_rate_each_epoch(trained):

@@ -3,11 +3,14 @@ linear law, and both speak the estimator's predict_frame interface."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
-from core.latency.estimator import OUTPUT_COLUMNS, EstimatorError, evaluate_predictor, split_by_sample
-from core.latency.baselines import AnalyticBaseline, LinearBaseline
-from tests.test_estimator import synthetic_profile
+from core.latency.baselines import BASELINES, AnalyticBaseline, LinearBaseline
+from core.latency.data import EstimatorError, split_by_sample
+from core.latency.evaluation import baseline_scores, evaluate_predictor
+from core.latency.features import OUTPUT_COLUMNS
+from tests.helpers import synthetic_profile
 
 
 def linear_law(vision_tokens, text_tokens, top_k, blocks):
@@ -70,3 +73,16 @@ def test_the_cost_model_beats_least_squares_on_features_for_the_moe_law():
     analytic = evaluate_predictor(AnalyticBaseline().fit(train), test, "a_")
     linear = evaluate_predictor(LinearBaseline().fit(train), test, "l_")
     assert analytic["a_mape_prefill"] < 2.0 < linear["l_mape_prefill"]
+
+
+def test_baseline_scores_fit_on_train_and_val_and_score_the_test_rows():
+    table = synthetic_profile(num_samples=6, num_runs=1, noise=0.0, seed=5, law=linear_law)
+    split = split_by_sample(table, 0.8, seed=0)
+    scores = baseline_scores(split, 0.9, "heldout_config_")
+    assert set(BASELINES) == {"linear", "analytic"}
+    for name in BASELINES:
+        assert scores[f"baseline_{name}_heldout_config_rows"] == len(split.test)
+    assert scores["baseline_linear_heldout_config_mape_mean"] < 1e-6  # the law is linear in the features
+    # fitted on train + val: the same as a fit by hand on those rows
+    by_hand = evaluate_predictor(AnalyticBaseline().fit(pd.concat([split.train, split.val])), split.test, "x_")
+    assert scores["baseline_analytic_heldout_config_mape_prefill"] == pytest.approx(by_hand["x_mape_prefill"])

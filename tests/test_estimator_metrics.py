@@ -7,12 +7,16 @@ import pandas as pd
 import pytest
 
 from core.latency.metrics import (
+    COMPONENTS,
     component_metrics,
     evaluate_components,
+    feature_floor,
+    mean_over_components,
     per_config_table,
     quantile_coverage,
     run_to_run_noise,
 )
+from core.timing import PREDICTED_COMPONENTS, coefficient_of_variation
 
 
 def test_component_metrics_by_hand():
@@ -93,6 +97,7 @@ def test_run_to_run_noise_by_hand():
     })
     out = run_to_run_noise(rows)
     assert out["noise_cv_prefill"] == pytest.approx(0.1)  # std 10 (ddof 1) over mean 100
+    assert out["noise_cv_prefill"] == pytest.approx(coefficient_of_variation([100.0, 110.0, 90.0]))
     # each run against the median of the other two: 0/100, 15/95, 15/105
     assert out["noise_mape_prefill"] == pytest.approx(100 * (0 + 15 / 95 + 15 / 105) / 3)
 
@@ -112,8 +117,6 @@ def test_run_to_run_noise_matches_a_direct_computation_on_uneven_groups():
 
 
 def test_feature_floor_predicts_each_row_from_the_other_rows_with_its_features():
-    from core.latency.metrics import feature_floor
-
     truth = pd.DataFrame({
         "sample_id": ["a", "b", "c", "d"], "tier": "low", "top_k": 4, "num_active_blocks": 8,
         "vision_tokens": [8, 8, 8, 12], "text_tokens": 10,
@@ -127,3 +130,14 @@ def test_feature_floor_predicts_each_row_from_the_other_rows_with_its_features()
     assert "floor_mape_vision" not in out
     with pytest.raises(ValueError, match="text_tokens"):
         feature_floor(truth.drop(columns="text_tokens"))
+
+
+def test_components_are_the_predicted_ones_plus_the_total():
+    assert COMPONENTS == {**PREDICTED_COMPONENTS, "total": "T_total_ms"}
+    assert list(COMPONENTS)[:3] == ["vision", "prefill", "decode"]
+
+
+def test_mean_over_components_skips_what_is_not_finite():
+    metrics = {"test_mape_vision": 1.0, "test_mape_prefill": 2.0, "test_mape_decode": float("nan"), "test_mape_total": 99.0}
+    assert mean_over_components(metrics, "test_mape") == pytest.approx(1.5)  # the total is not a predicted component
+    assert np.isnan(mean_over_components({f"x_{c}": float("nan") for c in PREDICTED_COMPONENTS}, "x"))

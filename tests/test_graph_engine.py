@@ -13,7 +13,7 @@ from core.vlm.graph_engine import GraphedGenerator
 from core.knobs import KnobConfig
 from core.vlm.molmoe_arch import MolmoeArchBackend
 from core.timing import StageClock
-from tests.test_molmoe_arch import probe_samples, tiny_backend
+from tests.helpers import probe_samples, tiny_backend
 
 CPU = torch.device("cpu")
 

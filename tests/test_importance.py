@@ -8,15 +8,20 @@ import pandas as pd
 import pytest
 
 from core.vlm.importance import (
+    ANSWER_LOG_LIKELIHOOD,
     ImportanceError,
     answer_with_blocks,
+    base_configs,
     beam_search_removal,
     consistency_report,
+    importance_metrics,
     leave_one_block_out,
+    mean_accuracy,
+    score_measure,
     spearman,
 )
-from core.knobs import KnobConfig
-from tests.test_molmoe_arch import probe_samples, tiny_backend
+from core.knobs import BASE_VLM_SPACE, TIERS, KnobConfig
+from tests.helpers import TINY_BASE_VLM, probe_samples, tiny_backend
 
 BASE = KnobConfig("low", 8, 16)
 
@@ -82,22 +87,31 @@ def test_consistency_report():
     assert report["merged_scores"][3] == pytest.approx((0.25 + 0.75) / 2)
     assert report["drop_order"] == [1, 2, 3]  # merged: 1 -> 0.125, 2 -> 0.45, 3 -> 0.5
     assert any("mmmu" in note for note in report["notes"])
+    metrics = importance_metrics(report)  # the undefined mmmu correlation is left out
+    assert set(metrics) == {"spearman_vqa", "spearman_doc", "importance_block_1", "importance_block_2", "importance_block_3"}
+    assert metrics["importance_block_3"] == pytest.approx(0.5)
 
 
 def test_leave_one_block_out_scores_every_middle_block():
-    backend = tiny_backend()
-    drops = leave_one_block_out(backend, labelled_samples(2), exact_match, BASE, progress=False)
+    backend, samples = tiny_backend(), labelled_samples(2)
+    drops = leave_one_block_out(backend, samples, exact_match, BASE, progress=False)
     assert sorted(drops) == list(range(1, 15))  # first and last never dropped, so not scored
-    assert all(0.0 <= d <= 1.0 for d in drops.values())
-    assert any(d > 0 for d in drops.values())  # removing some block changes some answer
+    costly = max(drops, key=drops.get)
+    assert drops[costly] > 0  # removing some block changes some answer
+    without = tuple(b for b in range(16) if b != costly)
+    changed = [answer_with_blocks(backend, s, BASE, without, s.max_new_tokens).text != s.answers[0] for s in samples]
+    assert drops[costly] == pytest.approx(sum(changed) / len(samples))  # the share of answers that removal changes
 
 
 def test_beam_search_finds_removal_sets_of_each_size():
-    result = beam_search_removal(tiny_backend(), labelled_samples(1), exact_match, BASE, max_removed=2, beam_width=2, progress=False)
+    samples = labelled_samples(1)
+    result = beam_search_removal(tiny_backend(), samples, exact_match, BASE, max_removed=2, beam_width=2, progress=False)
     assert result.base_accuracy == 1.0
     assert sorted(result.best_by_size) == [1, 2]
     removed, drop = result.best_by_size[2]
-    assert len(removed) == 2 and all(1 <= b <= 14 for b in removed) and 0.0 <= drop <= 1.0
+    assert len(removed) == 2 and all(1 <= b <= 14 for b in removed)
+    kept = tuple(b for b in range(16) if b not in removed)
+    assert drop == pytest.approx(1.0 - mean_accuracy(tiny_backend(), samples, exact_match, BASE, kept))
     assert len(result.beams_by_size[1]) == 2
     assert result.evaluations <= 1 + 14 + 2 * 13
 
@@ -116,11 +130,9 @@ def test_backend_without_override_falls_back_to_the_knob_and_restores_the_drop_o
 
 def test_answer_log_likelihood_importance_is_graded_and_restores_the_base_vlm():
     from core.vlm.base_vlm import BaseVLMBackend, build_base_vlm
-    from core.vlm.importance import ANSWER_LOG_LIKELIHOOD, mean_accuracy
     from core.vqa.suite import load_split
-    from tests.test_base_vlm import TINY
 
-    backend = BaseVLMBackend(build_base_vlm(TINY, seed=0))
+    backend = BaseVLMBackend(build_base_vlm(TINY_BASE_VLM, seed=0))
     samples = load_split("synth_countvqa", "val", 3)
     full = backend.space.full()
     before_order = list(backend.drop_order)
@@ -129,11 +141,21 @@ def test_answer_log_likelihood_importance_is_graded_and_restores_the_base_vlm():
     # Greedy answers of an untrained model are all wrong (every accuracy drop is 0); the
     # log-likelihood still tells each block's removal apart.
     drops = leave_one_block_out(backend, samples, ANSWER_LOG_LIKELIHOOD, full, progress=False)
-    assert sorted(drops) == list(range(1, TINY.num_blocks - 1))
+    assert sorted(drops) == list(range(1, TINY_BASE_VLM.num_blocks - 1))
     assert all(d != 0.0 for d in drops.values()) and len(set(drops.values())) == len(drops)
     assert backend.drop_order == before_order
     assert backend.answer_log_likelihood(samples[0], full) == ll  # the model is restored after every removal
-    assert mean_accuracy(backend, samples, ANSWER_LOG_LIKELIHOOD, full, tuple(range(TINY.num_blocks))) == pytest.approx(
+    assert mean_accuracy(backend, samples, ANSWER_LOG_LIKELIHOOD, full, tuple(range(TINY_BASE_VLM.num_blocks))) == pytest.approx(
         sum(backend.answer_log_likelihood(s, full) for s in samples) / 3)
     with pytest.raises(ImportanceError, match="unknown score"):
-        mean_accuracy(backend, samples, "perplexity", full, tuple(range(TINY.num_blocks)))
+        mean_accuracy(backend, samples, "perplexity", full, tuple(range(TINY_BASE_VLM.num_blocks)))
+
+
+def test_base_configs_and_score_kinds_name_a_bad_value():
+    assert [c.tier for c in base_configs(BASE_VLM_SPACE, "all")] == list(TIERS)  # the richest last
+    assert base_configs(BASE_VLM_SPACE, "low", top_k=2) == [KnobConfig("low", 2, BASE_VLM_SPACE.num_blocks)]
+    with pytest.raises(ImportanceError, match="tier: 'ultra'"):
+        base_configs(BASE_VLM_SPACE, "ultra")
+    assert score_measure(ANSWER_LOG_LIKELIHOOD) == ANSWER_LOG_LIKELIHOOD
+    with pytest.raises(ImportanceError, match="score: 'perplexity'"):
+        score_measure("perplexity")

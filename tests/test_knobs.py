@@ -2,17 +2,17 @@
 
 import pytest
 
-from core.vlm.base_vlm import select_grid
 from core.knobs import BASE_VLM_SPACE, TIERS, KnobConfig, KnobOutOfSpaceError, active_blocks, get_space
+from core.vlm.knob_application import select_grid
 from core.vqa.suite import IMAGE_SIZE
 
 
-def test_base_vlm_space_has_the_shared_shape():
+def test_base_vlm_space_is_registered_and_its_grid_is_tier_major():
     s = BASE_VLM_SPACE
-    assert tuple(s.tier_max_crops) == TIERS
-    assert len(s.top_k_options) == 5 and len(s.block_options) == 5
-    assert len(s.grid()) == 75
     assert get_space("base_vlm") is s
+    grid = s.grid()
+    assert grid[0] == KnobConfig("low", 1, 4) and grid[-1] == KnobConfig("high", 6, 8)
+    assert [c.tier for c in grid[::25]] == list(TIERS)
 
 
 def test_full_and_minimal_corners():

@@ -1,34 +1,13 @@
 """molmoe_arch: the knobs change what the model computes, the model is restored exactly afterwards,
 forced output lengths are honoured, and the reference preset has MolmoE-1B's size."""
 
-import functools
-import re
-
 import pytest
 import torch
 
 from core.knobs import MOLMOE_SPACE, KnobConfig, active_blocks
-from core.vlm.molmoe_arch import (
-    SIZE_PRESETS,
-    CheckpointNotFoundError,
-    MolmoeArchBackend,
-    load_local_checkpoint,
-    select_tiling,
-    synthetic_latency_samples,
-    tier_crop_band,
-)
-
-
-@functools.cache
-def tiny_backend() -> MolmoeArchBackend:
-    """One tiny CPU backend shared by the test modules (built once; tests restore its drop order)."""
-    torch.set_num_threads(1)  # the test machine is shared; one thread avoids oversubscription
-    return MolmoeArchBackend("tiny", device="cpu", seed=0)
-
-
-@functools.cache
-def probe_samples() -> list:
-    return synthetic_latency_samples([6, 10], [(64, 48), (40, 72)], n=4, max_new_tokens=3)
+from core.vlm.knob_application import select_grid, tier_crop_band
+from core.vlm.molmoe_arch import SIZE_PRESETS, MolmoeArchBackend, synthetic_latency_samples
+from tests.helpers import probe_samples, tiny_backend
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -37,13 +16,13 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_tiling_follows_aspect_ratio_within_the_tier_band():
     assert [tier_crop_band(MOLMOE_SPACE, t) for t in ("low", "medium", "high")] == [(1, 3), (4, 6), (7, 12)]
-    assert [select_tiling(600, 600, *tier_crop_band(MOLMOE_SPACE, t)) for t in ("low", "medium", "high")] == [
-        (1, 1), (2, 2), (3, 3),
-    ]
-    assert [select_tiling(1600, 900, *tier_crop_band(MOLMOE_SPACE, t)) for t in ("low", "medium", "high")] == [
-        (1, 2), (2, 3), (2, 4),
-    ]
-    assert select_tiling(900, 1600, 1, 3) == (2, 1)  # tall image: more rows
+    bands = [tier_crop_band(MOLMOE_SPACE, t) for t in ("low", "medium", "high")]
+    assert [select_grid(600, 600, hi, min_crops=lo) for lo, hi in bands] == [(1, 1), (2, 2), (3, 3)]
+    assert [select_grid(1600, 900, hi, min_crops=lo) for lo, hi in bands] == [(1, 2), (2, 3), (2, 4)]
+    assert select_grid(900, 1600, 3) == (2, 1)  # tall image: more rows
+    assert select_grid(300, 300, 2, min_crops=2) == (1, 2)  # 1x2 and 2x1 equally far from square: fewer rows
+    with pytest.raises(ValueError, match="crop band"):
+        select_grid(600, 600, 3, min_crops=4)
 
 
 def test_tier_sets_crops_and_vision_tokens():
@@ -159,13 +138,3 @@ def test_synthetic_probe_samples_are_deterministic():
     assert [len(s.question.split()) for s in a] == [16, 64, 16]
     assert [s.question for s in a] == [s.question for s in b] and a[0].image.size == (640, 480)
     assert a[0].image.tobytes() == b[0].image.tobytes()
-
-
-def test_load_local_checkpoint_on_an_empty_dir_names_the_path(tmp_path):
-    with pytest.raises(CheckpointNotFoundError, match=re.escape(str(tmp_path)) + ".*config.json"):
-        load_local_checkpoint(tmp_path)
-    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
-        load_local_checkpoint(tmp_path / "missing")
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(CheckpointNotFoundError, match="no weight files"):
-        load_local_checkpoint(tmp_path)

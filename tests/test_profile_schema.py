@@ -1,8 +1,6 @@
 """Schema validation: good tables pass with schema dtypes; every kind of bad record fails with one
 line naming the source and the field."""
 
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,18 +13,7 @@ from core.profiling.schema import (
     rows_to_frame,
     validate_profile,
 )
-
-
-def make_row(sample_id: str = "probe:test:0", backend: str = "molmoe_arch", **overrides) -> ProfileRow:
-    fields = dict(
-        sample_id=sample_id, dataset="probe", task="vqa", question="what colour?", tier="medium",
-        crops=4, vision_tokens=720, text_tokens=16, top_k=8, num_active_blocks=12,
-        active_blocks=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15), output_tokens=5,
-        T_vision_ms=30.0, T_prefill_ms=120.0, T_decode_ms=80.0, T_decode_per_token_ms=20.0, T_total_ms=230.0,
-        accuracy=math.nan, prediction="red", answers=("red", "dark red"), run_index=0, device="cpu", backend=backend,
-    )
-    fields.update(overrides)
-    return ProfileRow(**fields)
+from tests.helpers import make_row
 
 
 def frame(*rows: ProfileRow) -> pd.DataFrame:

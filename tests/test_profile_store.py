@@ -7,7 +7,7 @@ import pytest
 
 from core.profiling.schema import ProfileSchemaError, rows_to_frame
 from core.profiling.store import ProfileStore, ProfileStoreError
-from tests.test_profile_schema import make_row
+from tests.helpers import make_row
 
 
 def rows(dataset: str, n: int, run_index: int = 0):

@@ -7,18 +7,20 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from core.profiling.plots import (
-    knob_step_effects,
-    plot_accuracy_latency_pareto,
-    plot_latency_by_knob,
-    plot_repeatability,
-    run_to_run_cv,
+from core.knobs import MOLMOE_SPACE, KnobConfig
+from core.profiling.planning import (
+    check_block_order,
+    latency_probe_samples,
+    parse_prompt_lengths,
+    sweep_datasets,
 )
-from core.profiling.schema import row_keys
-from core.profiling.store import ProfileStore
-from core.knobs import KnobConfig
+from core.profiling.plots import profile_figures
 from core.profiling.profiler import ProfileSweepConfig, load_protocol, plan_work, run_sweep, shard_of
-from tests.test_molmoe_arch import probe_samples, tiny_backend
+from core.profiling.schema import row_keys, rows_to_frame
+from core.profiling.store import ProfileStore
+from core.profiling.summaries import knob_step_effects, median_run_to_run_cv, run_to_run_cv
+from core.timing import coefficient_of_variation
+from tests.helpers import make_row, probe_samples, tiny_backend
 
 # One shard of five keeps the test small (~15 configs) while still walking the real grid.
 SWEEP = dict(
@@ -71,7 +73,7 @@ def reference(tmp_path_factory):
 
 
 def test_shards_partition_the_work():
-    backend, config = tiny_backend(), ProfileSweepConfig(**SWEEP)
+    backend = tiny_backend()
     samples = [s for v in samples_by_dataset().values() for s in v]
     full = {i.key for i in plan_work(backend, samples, ProfileSweepConfig(**{**SWEEP, "num_shards": 1}))}
     shards = [{i.key for i in plan_work(backend, samples, ProfileSweepConfig(**{**SWEEP, "shard": k}))} for k in range(5)]
@@ -80,8 +82,8 @@ def test_shards_partition_the_work():
     assert sum(len(s) for s in shards) == len(full)  # pairwise disjoint
     for shard in shards:  # all runs of a (sample, config) stay together
         assert all((sid, ck, 1 - r) in shard for sid, ck, r in shard)
-    assert shard_of("x:test:0", "low-k4-b8", 5) == shard_of("x:test:0", "low-k4-b8", 5)
-    assert config.shard == 0
+    # sha1, not Python's salted hash: the same pair lands on the same shard in every process.
+    assert (shard_of("x:test:0", "low-k4-b8", 5), shard_of("probe_a:test:0", "high-k8-b16", 5)) == (1, 3)
 
 
 def test_rows_follow_the_schema(reference):
@@ -137,16 +139,71 @@ def test_bad_sweep_configs_fail_early():
         run_sweep(tiny_backend(), samples_by_dataset(), ProfileSweepConfig(**{**SWEEP, "dataset_names": ("probe_c",)}), ProfileStore("/nonexistent"), None)
 
 
-def test_profile_plots_and_their_tables(reference):
+def test_profile_figures_of_a_sweep(reference):
     store, _ = reference
-    df = store.load()
-    steps = knob_step_effects(df, "T_total_ms")
-    assert list(steps["knob"].unique()) == ["tier", "top_k", "num_active_blocks"]
-    assert (steps["pairs"] >= 0).all()
-    cv = run_to_run_cv(df)
-    assert len(cv) == len(df) // 2 and (cv["T_total_ms"] >= 0).all()  # two runs per (sample, config)
-    for fig in (plot_accuracy_latency_pareto(df), plot_latency_by_knob(df), plot_repeatability(df)):
-        assert fig.axes
+    figures = profile_figures(store.load())
+    # three_words scored every row: both data sets get a Pareto panel.
+    assert list(figures) == ["pareto_probe_a", "pareto_probe_b", "latency_by_knob", "repeatability"]
+    assert all(fig.axes for fig in figures.values())
+
+
+def known_cost_table() -> pd.DataFrame:
+    """Two samples x the whole molmoe_arch grid x two runs; T_total = cost(config) x (1.0 in run 0, 1.2 in run 1)."""
+    rows = []
+    for sample in ("probe:test:0", "probe:test:1"):
+        for config in MOLMOE_SPACE.grid():
+            cost = DriftingSpeedBackend.cost(config)
+            for run, speed in ((0, 1.0), (1, 1.2)):
+                t = cost * speed
+                rows.append(make_row(sample, tier=config.tier, top_k=config.top_k, num_active_blocks=config.num_active_blocks,
+                                     active_blocks=(), run_index=run, T_vision_ms=t / 4, T_prefill_ms=t / 4,
+                                     T_decode_ms=t / 2, T_decode_per_token_ms=t / 8, T_total_ms=t))
+    return rows_to_frame(rows)
+
+
+def test_knob_step_effects_are_paired_medians():
+    steps = knob_step_effects(known_cost_table(), "T_total_ms").set_index("step")
+    assert list(steps.index[:2]) == ["low->medium", "medium->high"]
+    # Each tier step adds 1 to the cost: the paired median is that over speeds 1.0 and 1.2.
+    assert steps.loc["low->medium", "delta_ms"] == pytest.approx(1.1)
+    assert steps.loc["4->6", "delta_ms"] == pytest.approx(0.5 * 1.1)  # top_k / 4
+    assert steps.loc["14->16", "delta_ms"] == pytest.approx(0.25 * 1.1)  # num_active_blocks / 8
+    # Pairs: 2 samples x 2 runs x the other two knobs' options (5 x 5 for a tier step, 3 x 5 for the others).
+    assert steps.loc["low->medium", "pairs"] == 2 * 2 * 25 and steps.loc["4->6", "pairs"] == 2 * 2 * 15
+
+
+def test_run_to_run_cv_is_the_sample_cv():
+    table = known_cost_table()
+    cv = run_to_run_cv(table)
+    assert len(cv) == 2 * 75
+    # Every group holds x and 1.2 x: the ddof-1 CV of core.timing, not the population one (0.0909).
+    expected = coefficient_of_variation([1.0, 1.2])
+    assert expected == pytest.approx(0.1286, abs=1e-4)
+    assert cv["T_total_ms"].to_numpy() == pytest.approx(expected)
+    assert median_run_to_run_cv(table)["T_prefill_ms"] == pytest.approx(expected)
+    assert median_run_to_run_cv(table[table["run_index"] == 0]).isna().all()  # one run: no spread to measure
+
+
+def test_a_sweep_planned_for_a_latency_only_backend():
+    assert sweep_datasets("molmoe_arch", ["synth_textvqa"], None) == (("latency_probe_out8",), 8)
+    assert sweep_datasets("molmoe_arch", [], 3) == (("latency_probe_out3",), 3)
+    assert sweep_datasets("base_vlm", ["synth_textvqa"], None) == (("synth_textvqa",), None)
+    samples = latency_probe_samples([4, 9], 3, num_samples=4, seed=0)["latency_probe_out3"]
+    assert [len(s.question.split()) for s in samples] == [4, 9, 4, 9]
+    assert {s.max_new_tokens for s in samples} == {3}
+    assert parse_prompt_lengths(["16", " 64"]) == (16, 64)
+    for bad in ([], ["0"], ["sixteen"]):
+        with pytest.raises(ValueError, match="prompt_lengths"):
+            parse_prompt_lengths(bad)
+
+
+def test_resuming_under_another_drop_order_is_refused(reference):
+    store, _ = reference
+    backend = tiny_backend()
+    check_block_order(store, ["probe_a"], backend.space.num_blocks, backend.drop_order)  # the order it ran with
+    reversed_order = list(reversed(backend.drop_order))
+    with pytest.raises(ValueError, match="profile into a new results_dir"):
+        check_block_order(store, ["probe_a"], backend.space.num_blocks, reversed_order)
 
 
 class DriftingSpeedBackend:

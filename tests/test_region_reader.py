@@ -75,4 +75,5 @@ def test_accuracy_of_scores_that_match_the_targets_is_one():
                 scores["word"][i, mask, label] = 10.0
     accuracy = reader_accuracy(scores, targets)
     assert accuracy["word"] == 1.0 and accuracy["color"] == 1.0 and accuracy["shape"] == 1.0
-    assert len(COLORS) + 1 == scores["color"].shape[-1] and len(SHAPES) + 1 == scores["shape"].shape[-1]
+    heads = RegionReader(CONFIG.d_model).heads  # one class per colour / shape, plus "none"
+    assert (heads["color"].out_features, heads["shape"].out_features) == (len(COLORS) + 1, len(SHAPES) + 1)

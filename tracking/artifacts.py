@@ -74,10 +74,13 @@ def log_dataset_input(
 
 
 def log_split_inputs(
-    frame: pd.DataFrame, parts: dict[str, slice], name_prefix: str, source: str | dict[str, str]
+    frame: pd.DataFrame, parts: dict[str, slice], name_prefix: str, source: str | dict[str, str], kind: str
 ) -> None:
-    """Each part (context -> row slice of `frame`) as a dataset input `<name_prefix>-<context>`, and
-    its row count as a `split_<context>_rows` param: the split a run was trained and scored on."""
+    """The split a run was trained and scored on: `frame`'s digest as the run's `data_digest` tag,
+    each part (context -> row slice of `frame`) as a dataset input `<name_prefix>-<context>` with its
+    row count as a `split_<context>_rows` param, and `kind` (how it was split) as the `split` param."""
+    mlflow.set_tag("data_digest", frame_digest(frame))
+    mlflow.log_param("split", kind)
     for context, rows in parts.items():
         log_dataset_input(frame.iloc[rows], name=f"{name_prefix}-{context}", context=context, source=source)
     mlflow.log_params({f"split_{context}_rows": len(frame.iloc[rows]) for context, rows in parts.items()})

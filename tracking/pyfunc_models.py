@@ -9,6 +9,7 @@ import mlflow
 import pandas as pd
 
 from core.knobs import KNOBS
+from core.timing import STAGE_COLUMNS
 from tracking.model_refs import BASE_VLM_ARTIFACT
 from tracking.models import log_pyfunc_model
 
@@ -88,24 +89,23 @@ class BaseVLMPyfunc(mlflow.pyfunc.PythonModel):
             result = self.backend.answer(sample, config)
             rows.append({
                 "answer": result.text, **config.as_dict(), "active_blocks": ",".join(map(str, result.active_blocks)),
-                "output_tokens": result.output_tokens, "T_vision_ms": result.T_vision_ms,
-                "T_prefill_ms": result.T_prefill_ms, "T_decode_ms": result.T_decode_ms, "T_total_ms": result.T_total_ms,
+                "output_tokens": result.output_tokens, **{column: getattr(result, column) for column in STAGE_COLUMNS},
             })
         return pd.DataFrame(rows)
 
 
-def log_base_vlm(model, sample, registered_model_name: str | None, promotion=None,
-                 drop_order_file: Path | None = None) -> int | None:
-    """Log a core BaseVLM as `model` (its checkpoint directory, with `drop_order_file` when that exists),
-    `sample` asked at the full config as the input example; registers it when a name is given."""
+def log_base_vlm(model, sample, registered_model_name: str | None, promotion=None, source_dir: str = "") -> int | None:
+    """Log a core BaseVLM as `model` (its checkpoint directory, with the measured drop order of checkpoint
+    directory `source_dir` when it has one), `sample` asked at the full config as the input example;
+    registers it when a name is given."""
     import shutil
 
-    from core.vlm.base_vlm import BaseVLMBackend
+    from core.vlm.base_vlm import DROP_ORDER_FILE, BaseVLMBackend
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = model.save_pretrained(Path(tmp) / BASE_VLM_ARTIFACT)  # pyfunc artifacts keep the directory name
-        if drop_order_file is not None and drop_order_file.is_file():
-            shutil.copy(drop_order_file, checkpoint / drop_order_file.name)
+        if source_dir and (Path(source_dir) / DROP_ORDER_FILE).is_file():
+            shutil.copy(Path(source_dir) / DROP_ORDER_FILE, checkpoint / DROP_ORDER_FILE)
         answering = BaseVLMPyfunc()
         answering.backend = BaseVLMBackend.from_pretrained(checkpoint, model.device)
         model_input = pd.DataFrame([{"image": encode_image(sample.image), "question": sample.question,
@@ -140,3 +140,18 @@ class LatencyEstimatorPyfunc(mlflow.pyfunc.PythonModel):
             given = frame["output_tokens"] if "output_tokens" in frame else pd.Series(float("nan"), index=frame.index)
             frame["output_tokens"] = given.fillna(int(default_tokens)).astype("int64")
         return self.estimator.predict_frame(frame).reset_index(drop=True)
+
+
+def log_latency_estimator(model, rows: pd.DataFrame, output_tokens: int, registered_model_name: str | None,
+                          promotion=None) -> int | None:
+    """Log a core LatencyEstimator as `model` (input example: five distinct configs of profiling `rows`;
+    param `output_tokens`: the answer length for rows without one); registers it when a name is given."""
+    from core.latency.features import RAW_COLUMNS
+
+    example = rows[[*RAW_COLUMNS, "output_tokens"]].drop_duplicates().head(5).reset_index(drop=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model.save(Path(tmp) / f"{LatencyEstimatorPyfunc.CHECKPOINT_ARTIFACT}.pt")
+        return log_pyfunc_model("model", LatencyEstimatorPyfunc(), {LatencyEstimatorPyfunc.CHECKPOINT_ARTIFACT: str(path)},
+                                example, model.predict_frame(example).reset_index(drop=True),
+                                registered_model_name=registered_model_name, params={"output_tokens": output_tokens},
+                                optional_inputs=("output_tokens",), promotion=promotion)

@@ -111,3 +111,10 @@ def evaluate_training(
     return ForecastEvaluation(
         metrics, by_level, evaluation_figures(result.history, y_test, pred_test, by_level, data.channels),
         report_markdown(metrics, data.channels, trace, data.seq_len, data.horizon, train_frac, val_frac))
+
+
+def headline(metrics: Mapping[str, float], channels: Sequence[str]) -> str:
+    """One line: the model's and persistence's test MAE per channel, and the test WAPE."""
+    return ("test MAE " + ", ".join(f"{ch}={metrics[f'test_mae_{ch}']:.3f}" for ch in channels)
+            + " (persistence: " + ", ".join(f"{metrics[f'baseline_persistence_test_mae_{ch}']:.3f}" for ch in channels)
+            + f"), test WAPE {metrics['test_wape_mean']:.4f}")

@@ -16,20 +16,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from core.latency.estimator import (
+from core.latency.data import TARGETS, EstimatorError, prepare_table, target_arrays
+from core.latency.features import (
     FEATURES,
     OUTPUT_COLUMNS,
     QUANTILE_SUFFIX,
     STEP_KNOBS,
     STEP_LEVELS,
-    TARGETS,
-    EstimatorError,
     add_total,
     features_from_raw,
     knob_levels,
-    prepare_table,
     raw_matrix,
-    target_arrays,
 )
 
 ANALYTIC_COEFFICIENTS: dict[str, tuple[str, ...]] = {
@@ -128,7 +125,7 @@ class AnalyticBaseline(_LeastSquaresBaseline):
         if target == "T_prefill_ms":
             work = blocks * (vision + text)
             # e_p * blocks: a fixed cost per block (kernel launches, host work), which is all there
-            # is when prefill is host-bound, as on the eager-PyTorch H100 profile.
+            # is when prefill is host-bound, as on the eager-PyTorch H100 profile (data/profiles/h100-molmoe-arch).
             return np.stack([work, work * top_k, blocks, ones], axis=1)
         return np.stack([blocks, blocks * top_k, ones], axis=1)
 
@@ -141,4 +138,7 @@ class AnalyticBaseline(_LeastSquaresBaseline):
         return out
 
 
-__all__ = ["ANALYTIC_COEFFICIENTS", "AnalyticBaseline", "LinearBaseline"]
+# Every baseline the estimator is scored against, by the name in its metrics (`baseline_<name>_test_...`).
+BASELINES: dict[str, type[_LeastSquaresBaseline]] = {"linear": LinearBaseline, "analytic": AnalyticBaseline}
+
+__all__ = ["ANALYTIC_COEFFICIENTS", "AnalyticBaseline", "BASELINES", "LinearBaseline"]

@@ -1,9 +1,10 @@
 """The latency estimator: profiling rows in, predicted latency components (and their P90) out.
 
 One straight line, nanoGPT-style:
-  profiling table -> `prepare_table` (schema gate) -> `split_by_sample` / `split_heldout_config`
-  -> `train_estimator` (MLP on standardised features, best-val-loss weights restored)
-  -> `LatencyEstimator.predict_frame` -> `evaluate_predictor` (per (sample, config) medians).
+  profiling table -> `core.latency.data` (schema gate, `split_by_sample` / `split_heldout_config`)
+  -> `train_estimator` (MLP on standardised `core.latency.features`, best-val-loss weights restored)
+  -> `LatencyEstimator.predict_frame` -> `core.latency.evaluation.evaluate_predictor` (per (sample,
+  config) medians).
 
 What is predicted: T_vision_ms, T_prefill_ms and T_decode_per_token_ms, each as a point value and
 an upper quantile (P90 by default, for guardrails). The end-to-end time for an answer of L tokens
@@ -14,9 +15,9 @@ co-vary, which is the safe side for a guardrail.
 Rows and medians. A profiling table holds several `run_index` repeats per (sample, config). We
 train on the rows (each repeat is a draw of the noise; a log-space fit of them estimates the
 typical run, and the P90 head needs the spread) but report errors against per-(sample, config)
-medians, the figure the profiler calls "the latency". On a table with ~10% run-to-run noise (the
-H100 table) per-row errors would mostly measure noise no estimator can predict; medians of 3 runs
-still carry about a third of it (see `estimator_metrics.run_to_run_noise`).
+medians, the figure the profiler calls "the latency". On a table with ~10% run-to-run noise
+(data/profiles/h100-molmoe-arch) per-row errors would mostly measure noise no estimator can predict;
+medians of 3 runs still carry about a third of it (see `core.latency.metrics.run_to_run_noise`).
 
 Decode per token is undefined for answers of one token (no decode forward; the schema stores 0):
 those rows are masked out of the decode loss and metrics.
@@ -30,7 +31,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -38,54 +39,37 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.latency.metrics import evaluate_components, quantile_coverage
-from core.knobs import TIERS, KnobOutOfSpaceError, get_space
-from core.profiling.schema import ProfileSchemaError, validate_profile
-from core.profiling.store import ProfileStore, ProfileStoreError
-
-# Columns a request/config must carry to be predicted (tier as a name from core.knobs.TIERS).
-RAW_COLUMNS: tuple[str, ...] = ("vision_tokens", "text_tokens", "crops", "tier", "top_k", "num_active_blocks")
-# Model inputs, all computed from RAW_COLUMNS by `features_from_raw` (standardised inside the model).
-# The products follow the cost law of a MoE decoder (work ~ blocks x tokens x experts); the logs make
-# a multiplicative law additive, which is what an MLP fitting log latency finds easiest.
-FEATURES: tuple[str, ...] = (
-    "vision_tokens",
-    "text_tokens",
-    "crops",
-    "tier_index",
-    "top_k",
-    "num_active_blocks",
-    "blocks_x_top_k",
-    "blocks_x_tokens",
-    "log_vision_tokens",
-    "log_tokens",
-    "log_top_k",
-    "log_blocks",
+from core.knobs import TIERS
+from core.latency.data import TARGETS, EstimatorError, aggregate_runs, prepare_table, target_arrays
+from core.latency.features import (
+    FEATURES,
+    OUTPUT_COLUMNS,
+    STEP_KNOBS,
+    STEP_LEVELS,
+    add_total,
+    feature_matrix,
+    features_from_raw,
+    knob_levels,
+    raw_matrix,
 )
-# Step ramps. Knobs take few values and their latency steps are irregular (kernel shapes: on the
-# H200 graph table the top_k steps cost +0.14 / +0.07 / +0.17 / +0.03 ms per decode token), which an
-# MLP of the numeric knob smooths over (1% decode error there, 0.5% with these). Ramp j of a knob
-# rises from 0 to 1 between its (j-1)-th and j-th distinct value in training (`knob_levels`, stored
-# with the model): 0/1 steps on every trained value, and a value never seen in training (the
-# held-out config) lies part-way up the ramp of the step it falls in, i.e. it interpolates.
-STEP_LEVELS = 4  # indicators per knob: the knob spaces have 5 top_k and 5 block options
-STEP_KNOBS: tuple[str, ...] = ("top_k", "num_active_blocks")
-FEATURES = FEATURES + tuple(f"{knob}_step_{j}" for knob in STEP_KNOBS for j in range(1, STEP_LEVELS + 1)) + (
-    "tier_step_1", "tier_step_2")
-TARGETS: tuple[str, ...] = ("T_vision_ms", "T_prefill_ms", "T_decode_per_token_ms")
-QUANTILE_SUFFIX = "_p90"
-OUTPUT_COLUMNS: tuple[str, ...] = TARGETS + tuple(f"{t}{QUANTILE_SUFFIX}" for t in TARGETS)
+from core.latency.metrics import mean_over_components
+from core.timing import PREDICTED_COMPONENTS
+
 LOSSES: tuple[str, ...] = ("log_mse", "rel_l1", "mse")
-KNOBS: tuple[str, ...] = ("tier", "top_k", "num_active_blocks")
-GROUP_COLUMNS: tuple[str, ...] = ("sample_id",) + KNOBS
 CHECKPOINT_FORMAT = "latency-estimator/2"  # /2: step-ramp features and their ends
-_DECODE = TARGETS.index("T_decode_per_token_ms")
+# The training state in a checkpoint directory (optimizer, RNG, history): for resuming, not a model.
+RESUME_STATE = "last.pt"
 _NUMPY_MAX_ROWS = 256  # below this a numpy forward beats torch's dispatch overhead
 _TORCH_CHUNK_ROWS = 8192  # activations of one chunk stay in cache
 _TRAIN_METRIC_GROUPS = 8192  # at most this many training (sample, config) groups feed the per-epoch train_ metrics
-
-
 LR_SCHEDULES = ("cosine", "constant")
+# The keys of a `train_estimator` history record, by the side they describe (besides "epoch").
+TRAINING_RECORD_KEYS: tuple[str, ...] = (
+    "train_loss", "train_mae_prefill", "train_mae_decode", "train_rel_error_prefill", "train_rel_error_decode",
+    "train_mae_vision", "train_rel_error_vision", "lr", "epoch_time_s")
+VALIDATION_RECORD_KEYS: tuple[str, ...] = (
+    "val_loss", "val_mae_prefill", "val_mae_decode", "val_rel_error_prefill", "val_rel_error_decode", "val_mae_vision",
+    "val_rel_error_vision", "val_rel_error_mean", "val_p90_coverage", "is_best")
 
 
 def epoch_lr(config: "EstimatorConfig", epoch: int) -> float:
@@ -98,13 +82,10 @@ def epoch_lr(config: "EstimatorConfig", epoch: int) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class EstimatorError(ValueError):
-    """Bad input to the estimator; the message is one line naming the file, field or parameter."""
-
-
 @dataclass
 class EstimatorConfig:
-    """Every hyper-parameter of the estimator with its default, in one place."""
+    """Every hyper-parameter of the estimator with its default, in one place (train_estimator's
+    command-line defaults read them from here)."""
 
     hidden_width: int = 128
     depth: int = 3  # hidden layers
@@ -154,252 +135,6 @@ class EstimatorConfig:
         if unknown:
             raise EstimatorError(f"{source}: unknown estimator parameter(s) {unknown}")
         return cls(**values)
-
-
-# --- input gate ------------------------------------------------------------------------------------
-def prepare_table(df: pd.DataFrame | None, source: str = "profile table", dataset_names: list[str] | None = None) -> pd.DataFrame:
-    """Validate a profiling table and keep the wanted data sets.
-
-    In: rows in the profile schema, `source` (a path or name used in errors), optional data set
-    names. Out: the validated rows (schema dtypes). Raises EstimatorError for an empty table,
-    a schema break (NaN/negative latency etc., via validate_profile, naming the field) or an
-    unknown data set name.
-    """
-    if df is None or len(df) == 0:
-        raise EstimatorError(f"{source} is empty: no profiling rows")
-    try:
-        out = validate_profile(df, source)
-    except ProfileSchemaError as exc:
-        raise EstimatorError(str(exc)) from None
-    if dataset_names:
-        known = sorted(out["dataset"].unique())
-        unknown = [d for d in dataset_names if d not in known]
-        if unknown:
-            raise EstimatorError(f"field dataset: unknown data set name(s) {unknown} in {source} (has {known})")
-        out = out[out["dataset"].isin(list(dataset_names))].reset_index(drop=True)
-    return out
-
-
-def load_profile_table(results_dir: str | os.PathLike[str], dataset_names: list[str] | None = None) -> pd.DataFrame:
-    """All rows of `dataset_names` (default all) from a ProfileStore results directory, validated.
-
-    Store errors (missing directory, unknown data set, schema break naming the part file) come
-    back as EstimatorError with the store's one-line message.
-    """
-    try:
-        df = ProfileStore(results_dir).load(dataset_names)
-    except (ProfileStoreError, ProfileSchemaError) as exc:
-        raise EstimatorError(str(exc)) from None
-    return prepare_table(df, source=str(results_dir))
-
-
-# --- features --------------------------------------------------------------------------------------
-def raw_matrix(df: pd.DataFrame) -> np.ndarray:
-    """(N, 6) float64 of RAW_COLUMNS with the tier as its index in core.knobs.TIERS."""
-    missing = [c for c in RAW_COLUMNS if c not in df.columns]
-    if missing:
-        raise EstimatorError(f"field(s) {missing} missing: the estimator needs {list(RAW_COLUMNS)}")
-    tier_index = pd.Categorical(df["tier"], categories=list(TIERS)).codes  # -1: not a tier (hash lookup, fast)
-    if (tier_index < 0).any():
-        bad = df["tier"].to_numpy()[np.flatnonzero(tier_index < 0)[0]]
-        raise EstimatorError(f"field tier={bad!r} is not one of {list(TIERS)}")
-    raw = np.empty((len(df), len(RAW_COLUMNS)), dtype=np.float64)
-    for j, column in enumerate(RAW_COLUMNS):
-        if column == "tier":
-            values = tier_index.astype(np.float64)
-        else:
-            values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
-        if not np.isfinite(values).all() or (values < 0).any():
-            raise EstimatorError(f"field {column} holds NaN or negative values")
-        raw[:, j] = values
-    return raw
-
-
-def knob_levels(raw: np.ndarray) -> np.ndarray:
-    """(len(STEP_KNOBS), STEP_LEVELS + 1) ramp ends from training rows' RAW_COLUMNS: each knob's lowest
-    value, then its distinct values above it (evenly thinned if there are more than STEP_LEVELS),
-    +inf where a knob has fewer (such a ramp is always 0: a constant the scaler ignores)."""
-    raw = np.asarray(raw, dtype=np.float64)
-    levels = np.full((len(STEP_KNOBS), STEP_LEVELS + 1), np.inf)
-    for i, knob in enumerate(STEP_KNOBS):
-        values = np.unique(raw[:, RAW_COLUMNS.index(knob)])
-        above = values[1:]
-        if len(above) > STEP_LEVELS:
-            above = above[np.linspace(0, len(above) - 1, STEP_LEVELS).round().astype(int)]
-        levels[i, 0] = values[0]
-        levels[i, 1: 1 + len(above)] = above
-    return levels
-
-
-def features_from_raw(raw: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """FEATURES (N, F) float32 from RAW_COLUMNS values (N, 6), tier as an index, and the step ramps'
-    ends (`knob_levels` of the training rows)."""
-    raw = np.asarray(raw, dtype=np.float64)
-    vision, text, crops, tier, top_k, blocks = (raw[:, j] for j in range(len(RAW_COLUMNS)))
-    tokens = vision + text
-    out = np.empty((len(raw), len(FEATURES)), dtype=np.float32)  # filled column by column: no float64 copy
-    # log1p keeps zero counts finite; the scaler takes care of the offsets.
-    for j, values in enumerate((vision, text, crops, tier, top_k, blocks, blocks * top_k, blocks * tokens,
-                                np.log1p(vision), np.log1p(tokens), np.log1p(top_k), np.log1p(blocks))):
-        out[:, j] = values
-    j = FEATURES.index(f"{STEP_KNOBS[0]}_step_1")
-    for knob_values, ends in zip((top_k, blocks), np.asarray(levels, dtype=np.float64)):
-        for low, high in zip(ends[:-1], ends[1:]):
-            out[:, j] = np.clip((knob_values - low) / (high - low), 0.0, 1.0) if np.isfinite(high) else 0.0
-            j += 1
-    out[:, j] = tier >= 1
-    out[:, j + 1] = tier >= 2
-    return out
-
-
-def feature_matrix(df: pd.DataFrame, levels: np.ndarray) -> np.ndarray:
-    """FEATURES (N, F) float32 of every row of `df` (needs RAW_COLUMNS), step-ramp ends `levels`."""
-    return features_from_raw(raw_matrix(df), levels)
-
-
-def target_arrays(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(targets (N, 3) ms in TARGETS order, mask (N, 3) bool: False where decode per token is undefined)."""
-    y = df[list(TARGETS)].to_numpy(dtype=np.float64)
-    mask = np.ones_like(y, dtype=bool)
-    if "output_tokens" in df:
-        mask[:, _DECODE] = df["output_tokens"].to_numpy() > 1
-    mask &= y > 0  # a zero latency has no log; only undefined decode is 0 in a valid table
-    return y, mask
-
-
-def aggregate_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (sample_id, tier, top_k, num_active_blocks): medians over run_index.
-
-    Out: the group keys, the request columns (first value; they do not vary over runs), median
-    latencies, output_tokens (median, rounded) and n_runs. This is the truth the estimator is
-    evaluated against.
-    """
-    missing = [c for c in GROUP_COLUMNS if c not in df.columns]
-    if missing:
-        raise EstimatorError(f"field(s) {missing} missing: cannot group runs")
-    grouped = df.groupby(list(GROUP_COLUMNS), sort=True, observed=True)
-    firsts = [c for c in ("dataset", "backend", "device", "vision_tokens", "text_tokens", "crops") if c in df]
-    latencies = [c for c in ("T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_decode_per_token_ms", "T_total_ms") if c in df]
-    out = grouped[firsts].first()
-    if latencies:
-        out = out.join(grouped[latencies].median())
-    if "output_tokens" in df:
-        out["output_tokens"] = grouped["output_tokens"].median().round().astype("int64")
-    out["n_runs"] = grouped.size()
-    return out.reset_index()
-
-
-# --- splits ----------------------------------------------------------------------------------------
-@dataclass
-class EstimatorSplit:
-    """train / val / test rows plus what made them; unpacks as `train, val, test = split`."""
-
-    train: pd.DataFrame
-    val: pd.DataFrame
-    test: pd.DataFrame
-    kind: str  # "by_sample" or "heldout_config"
-    train_fraction: float
-    seed: int
-    heldout_knob: str | None = None
-    heldout_value: object = None
-
-    def __iter__(self) -> Iterator[pd.DataFrame]:
-        return iter((self.train, self.val, self.test))
-
-    def sizes(self) -> dict[str, int]:
-        """Rows, distinct samples and distinct configs per split."""
-        out: dict[str, int] = {}
-        for name, part in (("train", self.train), ("val", self.val), ("test", self.test)):
-            out[f"{name}_rows"] = int(len(part))
-            out[f"{name}_samples"] = int(part["sample_id"].nunique())
-            out[f"{name}_configs"] = int(len(part[list(KNOBS)].drop_duplicates()))
-        return out
-
-    def as_params(self) -> dict[str, object]:
-        """Flat dict to log: split kind, seed, fraction, held-out knob/value, sizes."""
-        value = self.heldout_value.item() if hasattr(self.heldout_value, "item") else self.heldout_value
-        return {"split": self.kind, "split_seed": self.seed, "train_fraction": self.train_fraction,
-                "heldout_knob": self.heldout_knob, "heldout_value": value, **self.sizes()}
-
-
-def _check_splittable(df: pd.DataFrame, train_fraction: float) -> None:
-    if df is None or len(df) == 0:
-        raise EstimatorError("profile table is empty: nothing to split")
-    if "sample_id" not in df.columns:
-        raise EstimatorError("field sample_id missing: cannot split by sample")
-    if not 0 < train_fraction < 1:
-        raise EstimatorError(f"parameter train_fraction must lie in (0, 1), got {train_fraction}")
-
-
-def _take_samples(df: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
-    return df[df["sample_id"].isin(ids.tolist())].reset_index(drop=True)
-
-
-def split_by_sample(df: pd.DataFrame, train_fraction: float = 0.8, seed: int = 0) -> EstimatorSplit:
-    """Split rows so that no sample_id is in two splits.
-
-    Samples are shuffled with `seed`; round((1 - train_fraction) * n) go to test, of the rest
-    train_fraction to train and the remainder to val (each split gets at least one sample, so a
-    table needs >= 3 samples). Every row of a sample (all configs, all runs) stays together.
-    """
-    _check_splittable(df, train_fraction)
-    ids = np.array(sorted(df["sample_id"].astype(str).unique()))
-    n = len(ids)
-    if n < 3:
-        raise EstimatorError(f"field sample_id: split_by_sample needs >= 3 distinct samples, the table has {n}")
-    ids = ids[np.random.default_rng(seed).permutation(n)]
-    n_test = min(max(1, round((1 - train_fraction) * n)), n - 2)
-    n_rest = n - n_test
-    n_train = min(max(1, round(train_fraction * n_rest)), n_rest - 1)
-    train_ids, val_ids, test_ids = ids[:n_train], ids[n_train:n_rest], ids[n_rest:]
-    return EstimatorSplit(_take_samples(df, train_ids), _take_samples(df, val_ids), _take_samples(df, test_ids),
-                          kind="by_sample", train_fraction=train_fraction, seed=seed)
-
-
-def knob_options(df: pd.DataFrame, knob: str) -> list:
-    """The options of `knob` in the knob space of the table's backend (values seen, if several backends)."""
-    if knob not in KNOBS:
-        raise EstimatorError(f"parameter knob must be one of {list(KNOBS)}, got {knob!r}")
-    backends = df["backend"].unique().tolist() if "backend" in df else []
-    if len(backends) == 1:
-        try:
-            space = get_space(str(backends[0]))
-        except KnobOutOfSpaceError as exc:
-            raise EstimatorError(f"field backend: {exc}") from None
-        return list(TIERS) if knob == "tier" else list(space.top_k_options if knob == "top_k" else space.block_options)
-    values = df[knob].unique().tolist()
-    return [t for t in TIERS if t in values] if knob == "tier" else sorted(values)
-
-
-def split_heldout_config(
-    df: pd.DataFrame, knob: str = "top_k", value: object = None, train_fraction: float = 0.8, seed: int = 0
-) -> EstimatorSplit:
-    """Hold out every config with `knob == value`: test is exactly those rows (all samples), train
-    and val never see that value and are split by sample (no sample in both).
-
-    `value` defaults to the middle option of the knob in the backend's knob space (top_k 8 of
-    4..12 for MolmoE), so the test asks for interpolation, not extrapolation.
-    """
-    _check_splittable(df, train_fraction)
-    options = knob_options(df, knob)
-    if value is None:
-        value = options[len(options) // 2]
-    if value not in options:
-        raise EstimatorError(f"parameter value: {knob}={value!r} is not an option (options: {options})")
-    is_heldout = (df[knob] == value).to_numpy()
-    if not is_heldout.any():
-        raise EstimatorError(f"field {knob}: no rows with {knob}={value!r} to hold out")
-    if is_heldout.all():
-        raise EstimatorError(f"field {knob}: every row has {knob}={value!r}; nothing left to train on")
-    rest = df[~is_heldout]
-    ids = np.array(sorted(rest["sample_id"].astype(str).unique()))
-    if len(ids) < 2:
-        raise EstimatorError(f"field sample_id: split_heldout_config needs >= 2 samples, the table has {len(ids)}")
-    ids = ids[np.random.default_rng(seed).permutation(len(ids))]
-    n_val = min(max(1, round((1 - train_fraction) * len(ids))), len(ids) - 1)
-    return EstimatorSplit(_take_samples(rest, ids[n_val:]), _take_samples(rest, ids[:n_val]),
-                          df[is_heldout].reset_index(drop=True), kind="heldout_config",
-                          train_fraction=train_fraction, seed=seed, heldout_knob=knob, heldout_value=value)
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -618,18 +353,6 @@ class LatencyEstimator(nn.Module):
         return model.eval()
 
 
-def add_total(pred: pd.DataFrame, df_configs: pd.DataFrame) -> pd.DataFrame:
-    """Add T_total_ms (and _p90 where the components have one) from output_tokens, if given:
-    vision + prefill + max(output_tokens - 1, 0) * decode_per_token."""
-    if "output_tokens" not in df_configs:
-        return pred
-    steps = np.maximum(df_configs["output_tokens"].to_numpy(dtype=np.float64) - 1, 0)
-    pred["T_total_ms"] = pred["T_vision_ms"] + pred["T_prefill_ms"] + steps * pred["T_decode_per_token_ms"]
-    if "T_vision_ms_p90" in pred:
-        pred["T_total_ms_p90"] = pred["T_vision_ms_p90"] + pred["T_prefill_ms_p90"] + steps * pred["T_decode_per_token_ms_p90"]
-    return pred
-
-
 def _atomic_torch_save(obj: dict, path: Path) -> None:
     # Write then rename: a run killed mid-save leaves the previous file intact.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -702,7 +425,7 @@ def _median_metrics(model: LatencyEstimator, data: _Tensors, prefix: str) -> dic
         preds.append(torch.exp(model.to_log_ms(point)))
     pred = torch.cat(preds)
     out: dict[str, float] = {}
-    for j, short in enumerate(("vision", "prefill", "decode")):
+    for j, short in enumerate(PREDICTED_COMPONENTS):  # TARGETS order
         rows = data.mask[:, j] > 0
         error = (pred[rows, j] - data.y_ms[rows, j]).abs()
         out[f"{prefix}mae_{short}"] = float(error.mean()) if rows.any() else float("nan")
@@ -723,13 +446,15 @@ def train_estimator(
     In: profiling rows (validated here), the config, an optional callback given each epoch's
     record (its exceptions propagate, e.g. an Optuna prune), an optional checkpoint directory
     (best.pt whenever val loss improves, epoch_010.pt-style every 10 epochs, all loadable with
-    LatencyEstimator.load; last.pt holds the training state) and `resume` (continue from
-    checkpoint_dir/last.pt when it exists).
+    LatencyEstimator.load; RESUME_STATE (last.pt) holds the training state) and `resume` (continue
+    from checkpoint_dir/last.pt when it exists).
     Out: (model with the best-val-loss weights restored, in eval mode; history). One history
     record per epoch: epoch, train_loss (mean over the epoch's batches), val_loss (point + pinball
     loss on val rows), train_/val_ mae_{vision,prefill,decode} (ms) and rel_error_{...} (fraction)
     against per-(sample, config) medians (train_: a fixed random subset of at most 8,192 groups),
-    val_p90_coverage (share of val rows under the upper quantile), lr, epoch_time_s, is_best (0/1).
+    val_rel_error_mean (their mean over the components: the tuning objective, as its scale does not
+    depend on the loss kind), val_p90_coverage (share of val rows under the upper quantile), lr,
+    epoch_time_s, is_best (0/1).
     """
     config.validate()
     train_df = prepare_table(train_df, "train_df")
@@ -769,7 +494,7 @@ def _train(train_df: pd.DataFrame, val_df: pd.DataFrame, config: EstimatorConfig
     best_state = copy.deepcopy(model.state_dict())
     best_epoch, best_val_loss, start_epoch = 0, math.inf, 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    last_path = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
+    last_path = checkpoint_dir / RESUME_STATE if checkpoint_dir is not None else None
     if resume and last_path is not None and last_path.exists():
         saved = torch.load(last_path, map_location=device, weights_only=True)
         # Everything but the epoch count, device and threads must match: resuming may extend a run.
@@ -810,12 +535,14 @@ def _train(train_df: pd.DataFrame, val_df: pd.DataFrame, config: EstimatorConfig
         if is_best:
             best_state = copy.deepcopy(model.state_dict())  # a copy, not a live view of the weights
             best_epoch, best_val_loss = epoch, val_loss
+        val_metrics = _median_metrics(model, val_groups, "val_")
         record = {
             "epoch": epoch,
             "train_loss": float(loss_sum) / n_train,
             "val_loss": val_loss,
             **_median_metrics(model, train_groups, "train_"),
-            **_median_metrics(model, val_groups, "val_"),
+            **val_metrics,
+            "val_rel_error_mean": mean_over_components(val_metrics, "val_rel_error"),
             "val_p90_coverage": val_coverage,
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": time.perf_counter() - started,
@@ -844,39 +571,22 @@ def _train(train_df: pd.DataFrame, val_df: pd.DataFrame, config: EstimatorConfig
     return model.eval(), history
 
 
-# --- evaluation ------------------------------------------------------------------------------------
-class Predictor(Protocol):
-    def predict_frame(self, df_configs: pd.DataFrame) -> pd.DataFrame: ...
+def best_epoch_metrics(model: LatencyEstimator, history: list[dict]) -> dict[str, float]:
+    """best_epoch, best_val_loss and best_val_rel_error_mean of the weights `train_estimator` restored
+    (the last epoch's figures when no epoch improved the val loss, e.g. a NaN loss throughout)."""
+    best_epoch = int(model.meta.get("best_epoch", 0))
+    best = next(r for r in history if r["epoch"] == best_epoch) if best_epoch else history[-1]
+    return {"best_epoch": float(best_epoch), "best_val_loss": float(best["val_loss"]),
+            "best_val_rel_error_mean": float(best["val_rel_error_mean"])}
 
 
-def predict_groups(predictor: Predictor, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per-(sample, config) medians of `df`, the predictor's frame for them), rows aligned."""
-    truth = aggregate_runs(df)
-    return truth, predictor.predict_frame(truth)
-
-
-def evaluate_predictor(predictor: Predictor, df: pd.DataFrame, prefix: str = "test_") -> dict[str, float]:
-    """All metrics of `predictor` on profiling rows `df`.
-
-    Point metrics (core.latency.metrics.evaluate_components) against per-(sample, config)
-    medians; P90 coverage against single rows (a guardrail bounds one run). `df` is validated
-    (EstimatorError naming the field). Out: flat
-    {<prefix>name: value}, e.g. test_mape_prefill, test_within10, test_p90_coverage_total.
-    """
-    df = prepare_table(df, source=f"{prefix or 'evaluation '}rows")  # NaN / negative latencies fail here, by name
-    truth, pred = predict_groups(predictor, df)
-    metrics = evaluate_components(truth, pred, prefix)
-    metrics[f"{prefix}groups"] = metrics.pop(f"{prefix}n")
-    metrics[f"{prefix}rows"] = float(len(df))
-    row_pred = predictor.predict_frame(df)
-    if any(c.endswith(QUANTILE_SUFFIX) for c in row_pred.columns):
-        metrics.update(quantile_coverage(df, row_pred, prefix))
-    return metrics
+def model_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The loadable models `train_estimator` wrote to `checkpoint_dir` (best.pt, epoch_NNN.pt), not
+    the RESUME_STATE it keeps for an interrupted run."""
+    return [p for p in sorted(Path(checkpoint_dir).glob("*.pt")) if p.name != RESUME_STATE]
 
 
 __all__ = [
-    "EstimatorConfig", "EstimatorError", "EstimatorSplit", "FEATURES", "GROUP_COLUMNS", "LatencyEstimator",
-    "OUTPUT_COLUMNS", "RAW_COLUMNS", "TARGETS", "add_total", "aggregate_runs", "evaluate_predictor",
-    "feature_matrix", "features_from_raw", "knob_levels", "knob_options", "load_profile_table", "predict_groups",
-    "prepare_table", "raw_matrix", "split_by_sample", "split_heldout_config", "target_arrays", "train_estimator",
+    "CHECKPOINT_FORMAT", "EstimatorConfig", "LatencyEstimator", "LOSSES", "LR_SCHEDULES", "RESUME_STATE",
+    "TRAINING_RECORD_KEYS", "VALIDATION_RECORD_KEYS", "best_epoch_metrics", "epoch_lr", "model_checkpoints", "train_estimator",
 ]

@@ -12,19 +12,18 @@ within10 are taken over rows with a positive truth only.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-COMPONENTS: dict[str, str] = {
-    "vision": "T_vision_ms",
-    "prefill": "T_prefill_ms",
-    "decode": "T_decode_per_token_ms",
-    "total": "T_total_ms",
-}
+from core.knobs import KNOBS, TIERS
+from core.timing import PREDICTED_COMPONENTS
+
+# The predicted components plus the end-to-end total a latency budget is checked against.
+COMPONENTS: dict[str, str] = {**PREDICTED_COMPONENTS, "total": "T_total_ms"}
 METRICS: tuple[str, ...] = ("mae", "rmse", "mape", "r2", "within10")
-KNOBS: tuple[str, ...] = ("tier", "top_k", "num_active_blocks")
 WITHIN_FRACTION = 0.10
 
 
@@ -54,6 +53,16 @@ def component_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float
         "within10": float(np.mean(rel <= WITHIN_FRACTION + 1e-12)) if len(rel) else float("nan"),
         "n": int(len(y_true)),
     }
+
+
+def mean_over_components(metrics: Mapping[str, float], name: str) -> float:
+    """Mean of `<name>_<component>` over the predicted components (vision, prefill, decode), skipping
+    non-finite values (decode is nan on a set of one-token answers); nan when none is finite.
+
+    One figure across components of very different sizes: e.g. `test_mape_mean` (promotion) and
+    `val_rel_error_mean` (the tuning objective)."""
+    finite = [v for v in (metrics[f"{name}_{short}"] for short in PREDICTED_COMPONENTS) if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def _check_frames(df_true: pd.DataFrame, df_pred: pd.DataFrame) -> None:
@@ -139,10 +148,10 @@ def per_config_table(df_true: pd.DataFrame, df_pred: pd.DataFrame) -> pd.DataFra
         table[f"mae_{short}"] = grouped[f"_abs_{short}"].mean()
         table[f"mape_{short}"] = grouped[f"_ape_{short}"].mean()
     table = table.reset_index()
-    tier_rank = {t: i for i, t in enumerate(("low", "medium", "high"))}
+    tier_rank = {t: i for i, t in enumerate(TIERS)}  # tiers low -> high, not alphabetically
     order = table["tier"].map(tier_rank).fillna(len(tier_rank))
     return (
-        table.assign(_tier=order).sort_values(["_tier", "top_k", "num_active_blocks"]).drop(columns="_tier").reset_index(drop=True)
+        table.assign(_tier=order).sort_values(["_tier", *KNOBS[1:]]).drop(columns="_tier").reset_index(drop=True)
     )
 
 
@@ -188,7 +197,8 @@ def run_to_run_noise(df_rows: pd.DataFrame, group_columns: tuple[str, ...] = ("s
     """How noisy the repeats are: the floor any estimator meets.
 
     In: a profiling table with several run_index per (sample, config). Out, per component:
-    noise_cv_<c> (median over groups of std (ddof 1) / mean of the repeats) and noise_mape_<c>
+    noise_cv_<c> (median over groups of the repeats' coefficient of variation, as
+    core.timing.coefficient_of_variation defines it: sample std, ddof 1, over the mean) and noise_mape_<c>
     (mean over rows of |run - median of the other runs of its group| / that median, in %: roughly
     what a perfect per-group predictor scores against single runs). Groups of one run are skipped.
     """
@@ -201,9 +211,10 @@ def run_to_run_noise(df_rows: pd.DataFrame, group_columns: tuple[str, ...] = ("s
         if len(values) == 0:
             out[f"noise_cv_{short}"] = out[f"noise_mape_{short}"] = float("nan")
             continue
-        stats = pd.Series(values).groupby(ids).agg(["mean", "std"])
-        stats = stats[stats["mean"] > 0]
-        out[f"noise_cv_{short}"] = float((stats["std"] / stats["mean"]).median())
+        # Vectorised core.timing.coefficient_of_variation (ddof 1) per group; groups with a mean of 0 are left out.
+        grouped = pd.Series(values).groupby(ids)
+        mean, std = grouped.mean(), grouped.std(ddof=1)
+        out[f"noise_cv_{short}"] = float((std[mean > 0] / mean[mean > 0]).median())
         ok = reference > 0
         out[f"noise_mape_{short}"] = float(100 * np.mean(np.abs(values[ok] - reference[ok]) / reference[ok]))
     return out
@@ -214,7 +225,7 @@ FEATURE_GROUP_COLUMNS: tuple[str, ...] = (*KNOBS, "vision_tokens", "text_tokens"
 def feature_floor(truth: pd.DataFrame, group_columns: tuple[str, ...] = FEATURE_GROUP_COLUMNS) -> dict[str, float]:
     """What the best estimator that sees only the request's features could score on `truth`.
 
-    In: one row per (sample, config) with run-median latencies (`core.latency.estimator.group_runs`). Rows
+    In: one row per (sample, config) with run-median latencies (`core.latency.data.aggregate_runs`). Rows
     with equal knobs and token counts look the same to any estimator; predicting each from the
     median of the *other* rows of its group gives floor_mape_<c> (in %): when the estimator's
     test_mape sits at this floor, what is left is measurement noise, not model error. Groups of one

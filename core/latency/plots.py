@@ -6,7 +6,7 @@
   plot_errors_by_knob     |relative error| (%) per option of tier / top_k / blocks, per component (box plots)
   plot_training_curves    loss, MAE and relative error per epoch (train and val), best epoch marked
 
-`df_true` / `df_pred` are row-aligned frames as from core.latency.estimator.predict_groups.
+`df_true` / `df_pred` are row-aligned frames as from core.latency.evaluation.predict_groups.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from core.latency.metrics import COMPONENTS, KNOBS  # noqa: E402
-from core.knobs import TIERS  # noqa: E402
+from core.knobs import KNOBS, TIERS  # noqa: E402
+from core.latency.metrics import COMPONENTS  # noqa: E402
 
 _UNITS = {"vision": "ms", "prefill": "ms", "decode": "ms / token", "total": "ms"}
 

@@ -1,9 +1,10 @@
-"""Figures (and the small tables behind them) of a profiling table.
+"""Figures of a profiling table.
 
   plot_accuracy_latency_pareto  per data set: every config at (median T_total_ms, mean accuracy), Pareto front
   plot_latency_by_knob          a latency component by tier / top_k / active blocks (box plots + medians)
   plot_repeatability            run-to-run coefficient of variation per latency component
-All return matplotlib Figures (Agg backend; the caller saves or logs them).
+All return matplotlib Figures (Agg backend; the caller saves or logs them); the tables behind them are
+in `core/profiling/summaries.py`.
 """
 
 from __future__ import annotations
@@ -16,35 +17,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from core.knobs import TIERS  # noqa: E402
-
-KNOBS: tuple[str, ...] = ("tier", "top_k", "num_active_blocks")
-COMPONENTS: tuple[str, ...] = ("T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_total_ms")
-
-
-def _knob_order(df: pd.DataFrame, knob: str) -> list:
-    values = df[knob].unique().tolist()
-    return [t for t in TIERS if t in values] if knob == "tier" else sorted(values)
-
-
-def config_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, config): median T_total_ms, mean accuracy, rows."""
-    return (
-        df.groupby(["dataset", *KNOBS], sort=True)
-        .agg(T_total_ms=("T_total_ms", "median"), accuracy=("accuracy", "mean"), rows=("T_total_ms", "size"))
-        .reset_index()
-    )
-
-
-def pareto_front(summary: pd.DataFrame) -> pd.Series:
-    """Boolean mask of configs no other config beats on both latency (lower) and accuracy (higher)."""
-    order = summary.sort_values(["T_total_ms", "accuracy"], ascending=[True, False]).index
-    best, mask = -np.inf, pd.Series(False, index=summary.index)
-    for i in order:
-        acc = summary.at[i, "accuracy"]
-        if acc > best:
-            mask.at[i], best = True, acc
-    return mask
+from core.knobs import KNOBS, TIERS  # noqa: E402
+from core.profiling.summaries import config_summary, knob_order, pareto_front, run_to_run_cv  # noqa: E402
+from core.timing import STAGE_COLUMNS  # noqa: E402
 
 
 def plot_accuracy_latency_pareto(df: pd.DataFrame) -> Figure:
@@ -72,27 +47,11 @@ def plot_accuracy_latency_pareto(df: pd.DataFrame) -> Figure:
     return fig
 
 
-def knob_step_effects(df: pd.DataFrame, component: str = "T_total_ms") -> pd.DataFrame:
-    """Median change of `component` per step of each knob, the other knobs and the sample held fixed.
-
-    Rows: knob, step ('low->medium', '4->6', ...), delta_ms (median of paired differences), pairs.
-    """
-    out = []
-    for knob in KNOBS:
-        others = [k for k in KNOBS if k != knob]
-        wide = df.pivot_table(index=["sample_id", "run_index", *others], columns=knob, values=component, aggfunc="median")
-        order = _knob_order(df, knob)
-        for a, b in zip(order, order[1:]):
-            diff = (wide[b] - wide[a]).dropna()
-            out.append({"knob": knob, "step": f"{a}->{b}", "delta_ms": float(diff.median()) if len(diff) else np.nan, "pairs": len(diff)})
-    return pd.DataFrame(out)
-
-
 def plot_latency_by_knob(df: pd.DataFrame, component: str = "T_total_ms") -> Figure:
     """Box plots of `component` per option of each knob, medians joined by a line."""
     fig, axes = plt.subplots(1, len(KNOBS), figsize=(5 * len(KNOBS), 4), sharey=True)
     for ax, knob in zip(axes, KNOBS):
-        order = _knob_order(df, knob)
+        order = knob_order(df, knob)
         data = [df.loc[df[knob] == v, component].to_numpy() for v in order]
         ax.boxplot(data, showfliers=False)
         ax.plot(range(1, len(order) + 1), [np.median(d) for d in data], "o-", color="crimson", label="median")
@@ -105,15 +64,7 @@ def plot_latency_by_knob(df: pd.DataFrame, component: str = "T_total_ms") -> Fig
     return fig
 
 
-def run_to_run_cv(df: pd.DataFrame, components: tuple[str, ...] = COMPONENTS) -> pd.DataFrame:
-    """Coefficient of variation (std/mean over run_index) of each component per (sample, config)."""
-    groups = df.groupby(["sample_id", *KNOBS], sort=True)[list(components)]
-    mean, std, n = groups.mean(), groups.std(ddof=0), groups.size()
-    cv = (std / mean.where(mean > 0)).loc[n >= 2]
-    return cv.reset_index()
-
-
-def plot_repeatability(df: pd.DataFrame, components: tuple[str, ...] = COMPONENTS) -> Figure:
+def plot_repeatability(df: pd.DataFrame, components: tuple[str, ...] = STAGE_COLUMNS) -> Figure:
     """Distribution of the run-to-run CV per latency component (groups with >= 2 runs)."""
     cv = run_to_run_cv(df, components)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -123,8 +74,18 @@ def plot_repeatability(df: pd.DataFrame, components: tuple[str, ...] = COMPONENT
     for i, d in enumerate(data, start=1):
         if len(d):
             ax.annotate(f"median {np.median(d):.3f}", (i, np.median(d)), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_ylabel("run-to-run CV (std / mean)")
+    ax.set_ylabel("run-to-run CV (sample std / mean)")
     ax.set_title(f"repeatability over {len(cv)} (sample, config) groups")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def profile_figures(df: pd.DataFrame) -> dict[str, Figure]:
+    """A profile run's figures by file stem: `pareto_<dataset>` for each data set with accuracy,
+    `latency_by_knob` and `repeatability`."""
+    figures = {f"pareto_{ds}": plot_accuracy_latency_pareto(part)
+               for ds, part in df.groupby("dataset", sort=True) if part["accuracy"].notna().any()}
+    figures["latency_by_knob"] = plot_latency_by_knob(df)
+    figures["repeatability"] = plot_repeatability(df)
+    return figures

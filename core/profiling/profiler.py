@@ -37,13 +37,14 @@ from core.profiling.schema import ProfileRow, decode_per_token_ms
 from core.profiling.store import ProfileStore
 from core.vlm.backend import GenerationResult, VLMBackend
 from core.vqa.sample import VQASample
+from core.vqa.suite import DATASETS
 
 ScoreFn = Callable[[str, Sequence[str]], float]
 
 
 @dataclass(frozen=True)
 class ProfileSweepConfig:
-    """What one sweep worker profiles.
+    """What one sweep worker profiles (the defaults: the base VLM over the whole VQA suite).
 
     `num_samples` per dataset (a seeded choice when a dataset has more); `num_runs` repeats of each
     (sample, config); `warmup` untimed answers before the first timed one; `force_output_tokens`
@@ -52,9 +53,9 @@ class ProfileSweepConfig:
     rescales each repeat by a reference request timed just before it (module docstring).
     """
 
-    backend: str
-    dataset_names: tuple[str, ...]
-    num_samples: int
+    backend: str = "base_vlm"
+    dataset_names: tuple[str, ...] = DATASETS
+    num_samples: int = 100
     num_runs: int = 3
     shard: int = 0
     num_shards: int = 1
@@ -281,7 +282,7 @@ def make_row(
         output_tokens=int(result.output_tokens),
         T_vision_ms=float(result.T_vision_ms), T_prefill_ms=float(result.T_prefill_ms), T_decode_ms=T_decode_ms,
         T_decode_per_token_ms=decode_per_token_ms(T_decode_ms, result.output_tokens),
-        T_total_ms=float(result.T_vision_ms) + float(result.T_prefill_ms) + T_decode_ms,
+        T_total_ms=float(result.T_total_ms),
         accuracy=float(accuracy), prediction=result.text, answers=tuple(s.answers),
         run_index=item.run_index, device=device, backend=backend_name,
     )

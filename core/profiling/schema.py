@@ -1,7 +1,8 @@
 """The profiling record: one row per (sample, knob config, run), and its validation.
 
-Column names and meanings are fixed by DESIGN.md ("One knob space, one record schema"). Two columns
-hold lists and are stored as JSON strings, not Parquet list columns:
+Column names and meanings are the platform's interface: the latency estimator reads them, the
+importer maps the original study's files onto them, and the committed tables under data/profiles/
+carry them. Two columns hold lists and are stored as JSON strings, not Parquet list columns:
   active_blocks  '[0, 1, 2, 15]'   block indices that ran, ascending
   answers        '["red", "Red"]'  reference answers
 JSON strings round-trip through Parquet/pandas unchanged and compare with ==, which keeps
@@ -20,7 +21,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from core.knobs import TIERS, KnobConfig, KnobOutOfSpaceError, get_space
+from core.knobs import KNOBS, TIERS, KnobConfig, KnobOutOfSpaceError, get_space
+from core.timing import STAGE_COLUMNS
 
 PROFILE_COLUMNS: tuple[str, ...] = (
     "sample_id",
@@ -54,7 +56,8 @@ STRING_COLUMNS: tuple[str, ...] = (
 INT_COLUMNS: tuple[str, ...] = (
     "crops", "vision_tokens", "text_tokens", "top_k", "num_active_blocks", "output_tokens", "run_index",
 )
-LATENCY_COLUMNS: tuple[str, ...] = ("T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_decode_per_token_ms", "T_total_ms")
+# The stage times and their sum, plus decode time per decode forward (what the estimator predicts).
+LATENCY_COLUMNS: tuple[str, ...] = STAGE_COLUMNS + ("T_decode_per_token_ms",)
 FLOAT_COLUMNS: tuple[str, ...] = LATENCY_COLUMNS + ("accuracy",)
 
 # pandas dtype per column ("str" is pandas' default string dtype).
@@ -68,6 +71,8 @@ PROFILE_DTYPES: dict[str, str] = {
 LATENCY_ONLY_BACKENDS: frozenset[str] = frozenset({"molmoe_arch"})
 
 ROW_KEY_COLUMNS: tuple[str, ...] = ("sample_id", "config_key", "run_index")
+# The stored columns a row key is built from (config_key = KnobConfig.key of the knob columns).
+ROW_KEY_FIELDS: tuple[str, ...] = ("sample_id", *KNOBS, "run_index")
 
 # Tolerances for derived columns (imported tables carry rounded floats).
 _REL_TOL = 1e-4

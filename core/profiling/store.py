@@ -19,6 +19,7 @@ import pandas as pd
 
 from core.profiling.schema import (
     PROFILE_COLUMNS,
+    ROW_KEY_FIELDS,
     ProfileRow,
     ProfileSchemaError,
     config_keys,
@@ -84,7 +85,7 @@ class ProfileStore:
         """Row keys already stored; empty for a missing or empty results directory (a fresh sweep)."""
         keys: set[RowKey] = set()
         for path in self.part_files():
-            df = pd.read_parquet(path, columns=["sample_id", "tier", "top_k", "num_active_blocks", "run_index"])
+            df = pd.read_parquet(path, columns=list(ROW_KEY_FIELDS))
             keys.update(zip(df["sample_id"].astype(str), config_keys(df), df["run_index"].astype("int64").map(int)))
         return keys
 

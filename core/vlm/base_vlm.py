@@ -6,12 +6,8 @@
     [BOS] vision tokens  question words  [ANS]  --OLMoE decoder (OlmoeForCausalLM, inputs_embeds)-->  answer words [EOS]
 
 The three knobs are applied per request by `apply_knobs` (a context manager that restores the model
-exactly): the tier caps the number of tiles, `top_k` is the router's `top_k` in every MoE block (the
-attribute OlmoeTopKRouter.forward reads on every call; the router softmaxes over all experts and
-does not renormalise the top-k weights, as in MolmoE), and the block subset swaps
-`decoder.model.layers` for a sub-ModuleList. Kept blocks keep their `layer_idx`, so a DynamicCache
-built for all blocks stores each kept block's keys/values at its own index; block 0 always runs,
-which is the index the cache reads the sequence length from.
+exactly): the tier caps the number of tiles, `top_k` and the block subset go to the decoder through
+`core.vlm.knob_application.decoder_knobs` (shared with `molmoe_arch`, which says how each is applied).
 
 Experts run through transformers' "eager" experts implementation: a loop over the experts that
 received tokens. At batch 1 a decode step reaches exactly top_k experts, so top_k sets the number of
@@ -39,6 +35,7 @@ from transformers.cache_utils import DynamicCache
 from core.knobs import BASE_VLM_SPACE, KnobConfig, KnobSpace, active_blocks, default_drop_order
 from core.timing import StageClock
 from core.vlm.backend import GenerationResult
+from core.vlm.knob_application import cut_tiles, decoder_knobs, select_grid
 from core.vqa.sample import VQASample
 from core.vlm.tokenizer import ANSWER, build_word_tokenizer, load_word_tokenizer
 
@@ -101,19 +98,6 @@ class BaseVLMConfig:
 
 # --- image tiling --------------------------------------------------------------------------------
 
-def select_grid(width: int, height: int, max_crops: int) -> tuple[int, int]:
-    """(rows, cols) with rows * cols <= max_crops whose aspect ratio (cols/rows) is closest to the image's.
-
-    Closeness is measured on a log scale (2:1 and 1:2 are equally far from 1:1); ties go to the grid
-    with more tiles, so a higher tier never sees fewer pixels.
-    """
-    if max_crops < 1:
-        raise ValueError(f"max_crops must be >= 1, got {max_crops}")
-    target = math.log(width / height)
-    grids = [(r, c) for r in range(1, max_crops + 1) for c in range(1, max_crops // r + 1)]
-    return min(grids, key=lambda g: (abs(math.log(g[1] / g[0]) - target), -g[0] * g[1]))
-
-
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
@@ -125,15 +109,13 @@ def image_to_crops(image: Image.Image, max_crops: int, crop_px: int) -> tuple[to
     The global view is the whole image letterboxed into one crop; the tiles cut the image resized to
     (cols*crop_px, rows*crop_px) into a row-major grid.
     """
-    rows, cols = select_grid(image.width, image.height, max_crops)
+    rows, cols = select_grid(image.width, image.height, max_crops)  # no floor: see tier_crop_band
     scale = crop_px / max(image.width, image.height)
     gw, gh = max(1, round(image.width * scale)), max(1, round(image.height * scale))
     glob = torch.zeros(3, crop_px, crop_px)  # 0 = mid-grey after normalisation
     top, left = (crop_px - gh) // 2, (crop_px - gw) // 2
     glob[:, top : top + gh, left : left + gw] = _to_tensor(image.resize((gw, gh), Image.BILINEAR))
-    big = _to_tensor(image.resize((cols * crop_px, rows * crop_px), Image.BILINEAR))
-    tiles = big.unfold(1, crop_px, crop_px).unfold(2, crop_px, crop_px)  # (3, rows, cols, C, C)
-    tiles = tiles.permute(1, 2, 0, 3, 4).reshape(rows * cols, 3, crop_px, crop_px)
+    tiles = cut_tiles(_to_tensor(image.resize((cols * crop_px, rows * crop_px), Image.BILINEAR)), rows, cols, crop_px)
     return torch.cat([glob[None], tiles]), (rows, cols)
 
 
@@ -275,6 +257,11 @@ class BaseVLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def parameter_mib(self) -> float:
+        """Size of the weights in MiB (the checkpoint's safetensors, give or take the header)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters()) / 2**20
 
     # --- vision -------------------------------------------------------------------------------
     def layout_ids(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -537,30 +524,18 @@ def apply_knobs(
 ) -> Iterator[tuple[int, ...]]:
     """Run `model` under `config` inside the block; yields the active block indices.
 
-    Validates `config` against `space` first (KnobOutOfSpaceError), then sets the tier's crop cap,
-    every router's `top_k` (and the decoder's `num_experts_per_tok`, read by the load-balancing loss),
-    and swaps the decoder's block list for the active subset. Everything is put back on exit, also
-    when the block raises.
+    Validates `config` against `space` first (KnobOutOfSpaceError), then sets the tier's crop cap and
+    hands top_k and the active blocks to `decoder_knobs`. Everything is put back on exit, also when
+    the block raises.
     """
     space.validate(config)
     keep = active_blocks(space.num_blocks, config.num_active_blocks, drop_order)
-    decoder = model.decoder
-    all_layers = decoder.model.layers
-    saved_top_k = [layer.mlp.gate.top_k for layer in all_layers]
-    saved_per_tok = decoder.num_experts_per_tok
     saved_crops = model.max_crops
     try:
         model.max_crops = space.max_crops(config.tier)
-        for layer in all_layers:
-            layer.mlp.gate.top_k = config.top_k
-        decoder.num_experts_per_tok = config.top_k
-        decoder.model.layers = nn.ModuleList([all_layers[i] for i in keep])
-        yield keep
+        with decoder_knobs(model.decoder, config.top_k, keep):
+            yield keep
     finally:
-        decoder.model.layers = all_layers
-        for layer, k in zip(all_layers, saved_top_k):
-            layer.mlp.gate.top_k = k
-        decoder.num_experts_per_tok = saved_per_tok
         model.max_crops = saved_crops
 
 

@@ -31,14 +31,21 @@ from tqdm import tqdm
 
 from core.vlm.base_vlm import BaseVLM, BaseVLMConfig, apply_knobs, build_base_vlm, space_for, token_boxes
 from core.knobs import TIERS, KnobConfig, KnobSpace
-from core.vlm.region_reader import ReaderTargets, RegionReader, batch_targets, reader_accuracy, reader_loss, token_targets
+from core.vlm.region_reader import (
+    READER_GROUPS, ReaderTargets, RegionReader, batch_targets, reader_accuracy, reader_loss, token_targets,
+)
 from core.vqa.sample import VQASample
 from core.vqa.metrics import vqa_score
-from core.vqa.suite import DATASETS, Annotations, load_split, sample_annotations
+from core.vqa.suite import DATASETS, Annotations, load_mixed_split, sample_annotations
 
 STATE_FILE = "training_state.pt"
-HISTORY_FILE = "history.json"
+HISTORY_FILE = "history.json"  # per-epoch records, beside a checkpoint (training state and exported copies)
+TRAINING_CONFIG_FILE = "training_config.json"  # the full ElasticTrainConfig, beside an exported checkpoint
 MODEL_SUBDIR = "model"
+# The keys of an epoch record (`train_base_vlm`): training figures, and held-out ones on the val split.
+TRAINING_KEYS = ("train_loss", "train_ce", "train_aux", "train_reader", "lr", "samples_per_s", "epoch_time_s")
+VALIDATION_KEYS = ("val_vqa_score_full", "val_vqa_score_min", *(f"val_vqa_score_{d}" for d in DATASETS),
+                   *(f"val_reader_{group}_{tier}" for group in READER_GROUPS for tier in TIERS))
 
 
 @dataclass
@@ -76,6 +83,19 @@ class ElasticTrainConfig:
     cache_crops: bool = False
     device: str = "cpu"
     model: BaseVLMConfig = field(default_factory=BaseVLMConfig)
+
+    def validate(self) -> None:
+        """ValueError naming the first field whose value cannot train (or a device this machine lacks)."""
+        for name in ("batch_size", "train_samples_per_dataset", "val_samples_per_dataset", "qa_pairs_per_image"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "reader_word_steps", "reader_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.p_full and 0 <= self.p_min and self.p_full + self.p_min <= 1):
+            raise ValueError(f"p_full={self.p_full} and p_min={self.p_min} must be >= 0 and sum to at most 1")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA device is available")
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -185,6 +205,20 @@ def evaluate_val(
     return scores
 
 
+def validation_samples(config: ElasticTrainConfig) -> list[VQASample]:
+    """The val-split samples a training run with `config` scores its epochs on."""
+    return load_mixed_split(config.datasets, "val", config.val_samples_per_dataset, config.seed)
+
+
+def validation_scores(model: BaseVLM, samples: Sequence[VQASample], space: KnobSpace) -> dict[str, float]:
+    """The held-out figures of an epoch record: val_vqa_score_full / _min (means over data sets) and
+    val_vqa_score_<dataset> at the full config."""
+    full = evaluate_val(model, samples, space.full(), space)
+    minimal = evaluate_val(model, samples, space.minimal(), space)
+    return {"val_vqa_score_full": full["mean"], "val_vqa_score_min": minimal["mean"],
+            **{f"val_vqa_score_{ds}": score for ds, score in full.items() if ds != "mean"}}
+
+
 def _lr_at(step: int, total: int, cfg: ElasticTrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -229,8 +263,8 @@ def train_base_vlm(
         history = state["history"]
         done_epoch = state["epoch"]
 
-    train = [s for ds in config.datasets for s in load_split(ds, "train", config.train_samples_per_dataset, config.seed)]
-    val = [s for ds in config.datasets for s in load_split(ds, "val", config.val_samples_per_dataset, config.seed)]
+    train = load_mixed_split(config.datasets, "train", config.train_samples_per_dataset, config.seed)
+    val = validation_samples(config)
     examples = _examples(train, config.seed, config.cache_crops)
     val_examples = _examples(val, config.seed, config.cache_crops)
     if done_epoch < 0:
@@ -272,8 +306,6 @@ def train_base_vlm(
             sums["reader"] += parts.vision_aux.item()
             bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", knob=knob.key)
         elapsed = time.perf_counter() - t0
-        full = evaluate_val(model, val, space.full(), space)
-        minimal = evaluate_val(model, val, space.minimal(), space)
         record: dict = {
             "epoch": epoch,
             "train_loss": sums["loss"] / steps_per_epoch,
@@ -283,10 +315,8 @@ def train_base_vlm(
             "lr": lr,
             "epoch_time_s": elapsed,
             "samples_per_s": len(examples) / elapsed,
-            "val_vqa_score_full": full["mean"],
-            "val_vqa_score_min": minimal["mean"],
+            **validation_scores(model, val, space),
         }
-        record.update({f"val_vqa_score_{ds}": full[ds] for ds in config.datasets})
         record.update(evaluate_reader(model, reader, val_examples, space, device))
         history.append(record)
         if checkpoint_dir is not None:
@@ -400,3 +430,20 @@ def save_checkpoint(
         tmp,
     )
     tmp.replace(directory / STATE_FILE)
+
+
+def export_trained(model: BaseVLM, history: list[dict], config: ElasticTrainConfig, directory: Path | str) -> Path:
+    """The checkpoint (`save_pretrained`) with its per-epoch records and training config beside it: what
+    `exported_training` reads back when the directory is registered elsewhere."""
+    directory = model.save_pretrained(directory)
+    (directory / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+    (directory / TRAINING_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    return directory
+
+
+def exported_training(directory: Path | str) -> tuple[list[dict], dict | None]:
+    """(per-epoch records, training config) saved beside a checkpoint by `export_trained`; ([], None)
+    for what is missing (e.g. a checkpoint written by `save_pretrained` alone)."""
+    history_file, config_file = Path(directory) / HISTORY_FILE, Path(directory) / TRAINING_CONFIG_FILE
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    return history, json.loads(config_file.read_text()) if config_file.is_file() else None

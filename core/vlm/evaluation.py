@@ -7,13 +7,14 @@ request), the same path the profiler and adaptive inference take, so the figures
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from typing import Sequence
 
 import pandas as pd
 from tqdm import tqdm
 
-from core.knobs import KnobConfig, KnobSpace
-from core.timing import RepeatedTiming, summarize_ms
+from core.knobs import TIERS, KnobConfig, KnobSpace
+from core.timing import STAGE_COLUMNS, RepeatedTiming, summarize_ms
 from core.vlm.backend import VLMBackend
 from core.vqa.sample import VQASample
 from core.vqa.metrics import exact_match, vqa_score
@@ -84,6 +85,59 @@ def latency_medians(
     return summarize_ms(per_sample)
 
 
+def accuracy_by_config(backend: VLMBackend, samples: Sequence[VQASample]) -> tuple[dict[str, float], pd.DataFrame]:
+    """Test-split accuracy at the full and the minimal config and at the full config with each tier.
+
+    Metrics: test_vqa_score_full / _min (means over data sets), test_exact_match_full / _min,
+    test_vqa_score_<dataset>_<full|min|tier>; and the full config's predictions as a table.
+    """
+    full, minimal = backend.space.full(), backend.space.minimal()
+    scored = {"full": score_split(backend, samples, full), "min": score_split(backend, samples, minimal)}
+    metrics: dict[str, float] = {}
+    for name, result in scored.items():
+        metrics[f"test_vqa_score_{name}"] = result["vqa_score_mean_over_datasets"]
+        metrics[f"test_exact_match_{name}"] = result["exact_match"]
+        metrics.update({f"test_vqa_score_{ds}_{name}": r["vqa_score"] for ds, r in result["per_dataset"].items()})
+    for tier in TIERS:
+        result = scored["full"] if tier == full.tier else score_split(backend, samples, replace(full, tier=tier))
+        metrics.update({f"test_vqa_score_{ds}_{tier}": r["vqa_score"] for ds, r in result["per_dataset"].items()})
+    return metrics, pd.DataFrame(scored["full"]["predictions"])
+
+
+def one_knob_configs(space: KnobSpace) -> dict[str, KnobConfig]:
+    """The configs whose latency `evaluate_base_model` reports: full, min, and every option of one knob
+    with the others at the full config (tier_<tier>, top_k_<k>, blocks_<n>)."""
+    full = space.full()
+    return {"full": full, "min": space.minimal(),
+            **{f"tier_{t}": replace(full, tier=t) for t in TIERS},
+            **{f"top_k_{k}": replace(full, top_k=k) for k in space.top_k_options},
+            **{f"blocks_{b}": replace(full, num_active_blocks=b) for b in space.block_options}}
+
+
+def latency_by_config(
+    backend: VLMBackend, samples: Sequence[VQASample], configs: dict[str, KnobConfig], repeats: int = 5
+) -> pd.DataFrame:
+    """`latency_medians` of each named config: one row per config with name, the knobs, median_ms,
+    p10_ms and p90_ms (over the per-sample medians)."""
+    rows = []
+    for name, config in configs.items():
+        timing = latency_medians(backend, samples, config, repeats=repeats)
+        rows.append({"name": name, **config.as_dict(), "median_ms": timing.median_ms,
+                     "p10_ms": timing.p10_ms, "p90_ms": timing.p90_ms})
+    return pd.DataFrame(rows)
+
+
+def evaluation_metrics(accuracy: dict[str, float], latency: pd.DataFrame, device: str = "cpu") -> dict[str, float]:
+    """`accuracy_by_config`'s metrics plus `<device>_latency_ms_<name>` per row of `latency_by_config`
+    (which must hold "full" and "min") and what the minimal config keeps of the full one:
+    <device>_latency_ratio_min_over_full and vqa_ratio_min_over_full."""
+    metrics = dict(accuracy)
+    metrics.update({f"{device}_latency_ms_{name}": float(ms) for name, ms in zip(latency["name"], latency["median_ms"])})
+    metrics[f"{device}_latency_ratio_min_over_full"] = metrics[f"{device}_latency_ms_min"] / metrics[f"{device}_latency_ms_full"]
+    metrics["vqa_ratio_min_over_full"] = metrics["test_vqa_score_min"] / max(metrics["test_vqa_score_full"], 1e-9)
+    return metrics
+
+
 def grid_table(
     backend: VLMBackend,
     samples: Sequence[VQASample],
@@ -94,8 +148,8 @@ def grid_table(
     """Accuracy and median latency of every config of the grid on `samples` (keep it a small subset).
 
     One row per config: tier, top_k, num_active_blocks, config, vqa_score, exact_match,
-    vqa_score_<dataset>, and medians over samples x repeats of T_vision_ms, T_prefill_ms,
-    T_decode_ms and T_total_ms (each after `warmup` untimed answers per sample).
+    vqa_score_<dataset>, and medians over samples x repeats of each STAGE_COLUMNS figure (each after
+    `warmup` untimed answers per sample).
     """
     space = space or backend.space
     if not samples:
@@ -103,7 +157,7 @@ def grid_table(
     rows = []
     for config in tqdm(space.grid(), desc="knob grid"):
         scores, exact, by_ds = [], [], {}
-        timings: dict[str, list[float]] = {"T_vision_ms": [], "T_prefill_ms": [], "T_decode_ms": [], "T_total_ms": []}
+        timings: dict[str, list[float]] = {column: [] for column in STAGE_COLUMNS}
         for s in samples:
             for _ in range(warmup):
                 backend.answer(s, config)
@@ -112,11 +166,8 @@ def grid_table(
             scores.append(score)
             exact.append(exact_match(results[0].text, s.answers))
             by_ds.setdefault(s.dataset, []).append(score)
-            for r in results:
-                timings["T_vision_ms"].append(r.T_vision_ms)
-                timings["T_prefill_ms"].append(r.T_prefill_ms)
-                timings["T_decode_ms"].append(r.T_decode_ms)
-                timings["T_total_ms"].append(r.T_total_ms)
+            for column, values in timings.items():
+                values.extend(getattr(r, column) for r in results)
         row: dict[str, object] = {**config.as_dict(), "config": config.key}
         row["vqa_score"] = statistics.fmean(scores)
         row["exact_match"] = statistics.fmean(exact)

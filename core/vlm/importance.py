@@ -27,17 +27,39 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from core.knobs import KnobConfig, drop_order_from_importance
+from core.knobs import TIERS, KnobConfig, KnobSpace, drop_order_from_importance
 from core.vlm.backend import GenerationResult, VLMBackend
+from core.vqa.metrics import vqa_score
 from core.vqa.sample import VQASample
+from core.vqa.suite import load_split
 
 ScoreFn = Callable[[str, Sequence[str]], float]
 T = TypeVar("T")
 ANSWER_LOG_LIKELIHOOD = "answer_log_likelihood"  # score kind: teacher-forced log-probability of the reference answer
+# What a block's removal costs: the reference answer's log-likelihood (graded), or the VQA score of the
+# greedy answers (coarse: it saturates on a model trained to survive block removal).
+SCORES = (ANSWER_LOG_LIKELIHOOD, "vqa_score")
+ALL_TIERS = "all"  # measure at every tier and average the drops
 
 
 class ImportanceError(ValueError):
     """Block importance cannot be measured with this backend or these inputs."""
+
+
+def score_measure(score: str) -> ScoreFn | str:
+    """The `score_fn` of `mean_accuracy` for a score kind of SCORES."""
+    if score not in SCORES:
+        raise ImportanceError(f"score: {score!r} is not one of {', '.join(SCORES)}")
+    return vqa_score if score == "vqa_score" else ANSWER_LOG_LIKELIHOOD
+
+
+def base_configs(space: KnobSpace, tier: str, top_k: int = 0) -> list[KnobConfig]:
+    """Every block running at `top_k` (0: the trained top_k), at `tier` or, for ALL_TIERS, at each tier
+    (the richest last)."""
+    if tier != ALL_TIERS and tier not in TIERS:
+        raise ImportanceError(f"tier: {tier!r} is not {ALL_TIERS!r} or one of {', '.join(TIERS)}")
+    tiers = TIERS if tier == ALL_TIERS else (tier,)
+    return [space.make(t, top_k or space.default_top_k, space.num_blocks) for t in tiers]
 
 
 # --- running a chosen set of blocks ------------------------------------------------------------
@@ -157,6 +179,21 @@ def leave_one_block_out_across(
         raise ImportanceError("no base configs to measure block importance at")
     per_config = [leave_one_block_out(backend, samples, score_fn, c, progress) for c in base_configs]
     return {b: float(np.mean([drops[b] for drops in per_config])) for b in per_config[0]}
+
+
+def importance_by_split(
+    backend: VLMBackend,
+    datasets: Sequence[str],
+    samples_per_split: Mapping[str, int],
+    score_fn: ScoreFn | str,
+    configs: Sequence[KnobConfig],
+    seed: int = 0,
+) -> dict[str, dict[str, dict[int, float]]]:
+    """{split: {dataset: leave-one-block-out drops}} on the first `samples_per_split[split]` samples of
+    each data set's split, averaged over `configs` (`leave_one_block_out_across`)."""
+    return {split: {ds: leave_one_block_out_across(backend, load_split(ds, split, n, seed), score_fn, configs)
+                    for ds in datasets}
+            for split, n in samples_per_split.items()}
 
 
 @dataclass
@@ -310,3 +347,12 @@ def consistency_report(
         "drop_order": drop_order_from_scores(merged, n),
         "notes": notes,
     }
+
+
+def importance_metrics(report: Mapping[str, object]) -> dict[str, float]:
+    """A `consistency_report` as run metrics: spearman_<dataset> (train vs val; undefined ones left out)
+    and importance_block_<block> (the merged score)."""
+    per_dataset: Mapping[str, float] = report["per_dataset_spearman"]  # type: ignore[assignment]
+    merged: Mapping[int, float] = report["merged_scores"]  # type: ignore[assignment]
+    return {**{f"spearman_{ds}": rho for ds, rho in per_dataset.items() if not math.isnan(rho)},
+            **{f"importance_block_{b}": score for b, score in merged.items()}}

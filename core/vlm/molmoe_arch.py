@@ -1,6 +1,6 @@
 """MolmoE-1B-sized VLM with random weights, for GPU latency profiling of the three knobs.
 
-Architecture (REFERENCE.md), built from transformers components:
+Architecture (MolmoE-1B's published configuration), built from transformers components:
   image -> tiles (tier -> crop grid) + one global crop, each 336x336
         -> CLIP ViT-L/14 (23 of 24 layers run), features of layers -2 and -9 concatenated (2 x 1024)
         -> 2x2 attention pooling (query = mean of the window) -> 144 tokens per crop
@@ -9,13 +9,11 @@ Architecture (REFERENCE.md), built from transformers components:
         d_model 2048, 16 heads, 64 experts of intermediate 1024, top-8, vocab 50280 + 128)
   greedy decoding with a KV cache, one timed forward per output token after the first.
 
-Knobs (applied inside `knobs_applied`, which restores the model exactly afterwards):
-  tier              -> crop grid (see `select_tiling`)
-  top_k             -> `OlmoeTopKRouter.top_k` of every block (the router reads it on every call;
-                       softmax over all experts then top-k, no renormalisation, as in MolmoE)
-  active blocks     -> `model.model.layers` swapped for a sub-ModuleList. Each block keeps its own
-                       `layer_idx`, so a skipped block's KV-cache slot simply stays empty; block 0
-                       must run because the cache length (positions, causal mask) is read from it.
+Knobs (`core.vlm.knob_application`, shared with the base VLM; applied inside `knobs_applied`, which
+restores the model exactly afterwards):
+  tier              -> crop grid within the tier's crop band (`select_grid`, `tier_crop_band`)
+  top_k             -> the router's `top_k` in every block
+  active blocks     -> `model.model.layers` swapped for a sub-ModuleList (block 0 always runs)
 
 Engines: "eager" runs transformers' forward per token (DynamicCache), which is launch-bound and
 host-jittery on a GPU; "graph" (`core.vlm.graph_engine`) replays vision, prefill and each decode step
@@ -33,7 +31,6 @@ import math
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -46,6 +43,7 @@ from core.knobs import MOLMOE_SPACE, TIERS, KnobConfig, KnobSpace, active_blocks
 from core.vlm.graph_engine import GraphedGenerator
 from core.timing import StageClock
 from core.vlm.backend import ENGINES, GenerationResult
+from core.vlm.knob_application import cut_tiles, decoder_knobs, select_grid, tier_crop_band
 from core.vqa.sample import VQASample
 
 # CLIP image normalisation.
@@ -107,34 +105,7 @@ SIZE_PRESETS: dict[str, MolmoeArchDims] = {
 }
 
 
-class CheckpointNotFoundError(FileNotFoundError):
-    """A local checkpoint directory that does not hold a loadable model."""
-
-
 # --- tiling ------------------------------------------------------------------------------------
-
-
-def tier_crop_band(space: KnobSpace, tier: str) -> tuple[int, int]:
-    """(min, max) crops of a tier: above the next-lower tier's cap, up to this tier's cap.
-
-    The floor keeps tiers distinct: without it an image whose aspect ratio one small grid already
-    matches (e.g. 16:9 -> 1x2) would get the same crops at every tier.
-    """
-    i = space.tier_index(tier)
-    low = space.tier_max_crops[TIERS[i - 1]] + 1 if i > 0 else 1
-    return low, space.max_crops(tier)
-
-
-def select_tiling(width: int, height: int, min_crops: int, max_crops: int) -> tuple[int, int]:
-    """(rows, cols) grid with min_crops <= rows*cols <= max_crops whose aspect ratio (cols/rows) is
-    closest to the image's (in log space); ties go to more crops, then fewer rows."""
-    if not 1 <= min_crops <= max_crops:
-        raise ValueError(f"crop band [{min_crops}, {max_crops}] is empty")
-    target = math.log(width / height)
-    grids = [
-        (r, c) for r in range(1, max_crops + 1) for c in range(1, max_crops + 1) if min_crops <= r * c <= max_crops
-    ]
-    return min(grids, key=lambda rc: (round(abs(math.log(rc[1] / rc[0]) - target), 9), -rc[0] * rc[1], rc[0]))
 
 
 def _to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
@@ -144,10 +115,9 @@ def _to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 def image_crops(image: Image.Image, rows: int, cols: int, crop_size: int) -> torch.Tensor:
     """(1 + rows*cols, 3, S, S): the global view (whole image resized) then the tiles, row-major."""
-    whole = _to_pixels(image, (crop_size, crop_size))
-    grid = _to_pixels(image, (cols * crop_size, rows * crop_size))
-    tiles = grid.reshape(rows, crop_size, cols, crop_size, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, crop_size, crop_size)
-    return torch.from_numpy(np.concatenate([whole.transpose(2, 0, 1)[None], tiles], axis=0))
+    whole = torch.from_numpy(_to_pixels(image, (crop_size, crop_size))).permute(2, 0, 1)
+    grid = torch.from_numpy(_to_pixels(image, (cols * crop_size, rows * crop_size))).permute(2, 0, 1)
+    return torch.cat([whole[None], cut_tiles(grid, rows, cols, crop_size)])
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -227,16 +197,6 @@ class MolmoeVision(nn.Module):
 # --- the backend -----------------------------------------------------------------------------
 
 
-def _router(layer: nn.Module) -> nn.Module:
-    """The module whose `top_k` the MoE forward reads (transformers 5: `mlp.gate`, an OlmoeTopKRouter)."""
-    gate = getattr(layer.mlp, "gate", None)
-    if gate is not None and hasattr(gate, "top_k"):
-        return gate
-    if hasattr(layer.mlp, "top_k"):  # older transformers kept top_k on the MoE block itself
-        return layer.mlp
-    raise AttributeError(f"cannot find the top_k of MoE block {type(layer.mlp).__name__}")
-
-
 class MolmoeArchBackend:
     """VLMBackend `molmoe_arch`: MolmoE-1B-sized, random weights, latency only."""
 
@@ -313,28 +273,13 @@ class MolmoeArchBackend:
     def crops_for(self, image: Image.Image, tier: str) -> tuple[int, int]:
         """(rows, cols) tile grid for `image` at `tier`."""
         lo, hi = tier_crop_band(self.space, tier)
-        return select_tiling(image.width, image.height, lo, hi)
+        return select_grid(image.width, image.height, hi, min_crops=lo)
 
     @contextmanager
     def knobs_applied(self, top_k: int, blocks: Sequence[int]) -> Iterator[None]:
         """Run only `blocks` with `top_k` experts per token; restores layers and top_k on exit."""
-        blocks = tuple(int(b) for b in blocks)
-        if list(blocks) != sorted(set(blocks)) or not blocks or blocks[0] != 0 or blocks[-1] >= self.num_blocks:
-            raise ValueError(f"active blocks must be ascending, unique, start with block 0 and lie below {self.num_blocks}: {blocks}")
-        if not 1 <= top_k <= self.dims.num_experts:
-            raise ValueError(f"top_k={top_k} must lie in [1, {self.dims.num_experts}]")
-        layers = self.lm.model.layers
-        routers = [_router(layer) for layer in layers]
-        saved_k = [r.top_k for r in routers]
-        try:
-            for r in routers:
-                r.top_k = int(top_k)
-            self.lm.model.layers = nn.ModuleList([layers[i] for i in blocks])
+        with decoder_knobs(self.lm, top_k, blocks):
             yield
-        finally:
-            self.lm.model.layers = layers
-            for r, k in zip(routers, saved_k):
-                r.top_k = k
 
     # --- inference ---------------------------------------------------------------------------
     def _new_cache(self) -> object:
@@ -485,45 +430,6 @@ def synthetic_latency_samples(
     return samples
 
 
-# --- a user's real checkpoint --------------------------------------------------------------------
-
-
-@dataclass
-class LocalCheckpoint:
-    """A MolmoE checkpoint loaded from a local directory with its own (remote) code."""
-
-    path: Path
-    model: object
-    processor: object
-
-
-_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt")
-
-
-def load_local_checkpoint(model_path: str | Path, device: str | torch.device | None = None) -> LocalCheckpoint:
-    """Load a user's MolmoE checkpoint from `model_path` only (no hub access: local_files_only=True).
-
-    Raises CheckpointNotFoundError (one line, naming the path) when the directory is missing or holds
-    no config.json or no weight files.
-    """
-    path = Path(model_path)
-    if not path.is_dir():
-        raise CheckpointNotFoundError(f"MolmoE checkpoint directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise CheckpointNotFoundError(f"MolmoE checkpoint directory {path} has no config.json")
-    if not any(any(path.glob(p)) for p in _WEIGHT_PATTERNS):
-        raise CheckpointNotFoundError(f"MolmoE checkpoint directory {path} has no weight files (*.safetensors / *.bin)")
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, local_files_only=True, dtype=dtype).to(dev)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True, local_files_only=True)
-    return LocalCheckpoint(path=path, model=model.eval(), processor=processor)
-
-
 __all__ = [
-    "MolmoeArchBackend", "MolmoeArchDims", "SIZE_PRESETS", "CheckpointNotFoundError", "LocalCheckpoint",
-    "load_local_checkpoint", "synthetic_latency_samples", "select_tiling", "tier_crop_band", "image_crops",
-    "prompt_token_ids",
+    "MolmoeArchBackend", "MolmoeArchDims", "SIZE_PRESETS", "synthetic_latency_samples", "image_crops", "prompt_token_ids",
 ]

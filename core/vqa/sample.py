@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+import pandas as pd
 from PIL import Image
 
 
@@ -18,3 +20,10 @@ class VQASample:
     question: str
     answers: tuple[str, ...]
     max_new_tokens: int
+
+
+def samples_frame(samples: Sequence[VQASample]) -> pd.DataFrame:
+    """One row per sample (sample_id, dataset, question, answers joined by "|"): a split as a table,
+    e.g. for a run's dataset inputs."""
+    return pd.DataFrame([{"sample_id": s.sample_id, "dataset": s.dataset, "question": s.question,
+                          "answers": "|".join(s.answers)} for s in samples])

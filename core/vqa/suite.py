@@ -26,7 +26,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -286,6 +286,11 @@ def load_split(dataset: str, split: str, num_samples: int | None = None, seed: i
     if not 0 <= n <= size:
         raise ValueError(f"num_samples={num_samples} outside [0, {size}] for split {split!r} of {dataset!r}")
     return [make_sample(dataset, split, i, seed) for i in range(n)]
+
+
+def load_mixed_split(datasets: Sequence[str], split: str, num_samples: int, seed: int = 0) -> list[VQASample]:
+    """The first `num_samples` of `split` of each data set in `datasets`, one data set after another."""
+    return [s for dataset in datasets for s in load_split(dataset, split, num_samples, seed)]
 
 
 VISUAL_WORDS: tuple[str, ...] = tuple(sorted(set(SIGN_WORDS) | set(COLORS) | set(SHAPES)))
