@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from entry_points import promote, train_base_model, train_estimator, train_predictor
