@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # `mlflow run --env-manager local` runs `python -m ...`: it must be this venv's python.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast ui server benchmarks mlproject clean
+.PHONY: setup demo test test-slow test-all ui server benchmarks mlproject clean
 
 setup: $(STAMP)
 
@@ -26,11 +26,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/mlflow run . -e pipeline --env-manager local --experiment-name pipeline
 
+# Everything but the tests marked slow (over ~30 s each); `.ci/run` runs both targets.
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
-test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not postgres"
+test-slow: setup
+	$(PY) -m pytest -q -m slow --durations=15
+
+test-all: setup
+	$(PY) -m pytest -q --durations=15
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
