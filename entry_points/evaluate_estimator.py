@@ -21,7 +21,7 @@ HEADLINE = ("mape_prefill", "mape_decode", "r2_prefill", "r2_decode", "within10_
 
 
 def execute(params: Params, prepared: EvaluationTarget) -> dict[str, float]:
-    """Score every evaluation set; log the metrics, per-config CSVs and `evaluation/estimator_evaluation.json`."""
+    """Score every evaluation set; log the metrics, per-config and prediction CSVs and `evaluation/estimator_evaluation.json`."""
     set_data_digest(frame_digest(prepared.table))
     mlflow.set_tags({"evaluated_model": params.model, "estimator_run_id": prepared.resolved.run_id or ""})
     metrics: dict[str, float] = {}
@@ -32,6 +32,8 @@ def execute(params: Params, prepared: EvaluationTarget) -> dict[str, float]:
         metrics.update(scores.metrics)
         per_config = scores.per_config()
         log_csv(per_config, per_config_artifact(prefix))
+        # Truth and prediction per (sample, config), as train_estimator logs them: another tool can be scored on it.
+        log_csv(scores.predictions(), f"evaluation/predictions_{prefix.rstrip('_')}.csv")
         record["sets"][prefix.rstrip("_")] = {
             "rows": len(rows), "samples": int(rows["sample_id"].nunique()),
             "metrics": {k[len(prefix):]: v for k, v in scores.metrics.items()},

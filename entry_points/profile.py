@@ -66,6 +66,7 @@ class Prepared:
 def prepare(params: Params) -> Prepared:
     """Check every parameter, build the backend (with its drop order) and the samples, check the results_dir."""
     planning.check_engine_and_device(params.backend, params.engine, params.device)
+    ProfileStore(params.results_dir).check_writable()  # before any sweep: a file there loses the first flush
     latency_only = params.backend in LATENCY_ONLY_BACKENDS  # answers its own probe data set, not dataset_names
     names = [] if latency_only else comma_list(params.dataset_names, "dataset_names", DATASETS, allow_empty=False)
     prompt_lengths = planning.parse_prompt_lengths(comma_list(params.prompt_lengths, "prompt_lengths"))

@@ -10,7 +10,7 @@ import mlflow
 
 from tracking.cli import ParameterError
 from tracking.entry_point import EntryPoint
-from tracking.registry import Promotion, declared_promotion, newest_data_digest, promote
+from tracking.registry import Promotion, competing_versions, declared_promotion, newest_data_digest, promote
 from tracking.store import PROMOTION_STUDY
 
 
@@ -46,6 +46,7 @@ def prepare(params: Params) -> Prepared:
     mode = params.mode or (declared.mode if declared is not None and declared.metric == metric else "min")
     digest = None if params.table == "all" else (
         newest_data_digest(params.model_name, metric) if params.table == "newest" else params.table)
+    competing_versions(params.model_name, metric, digest)  # a table no version was trained on: said here
     return Prepared(Promotion(params.model_name, metric, mode), digest)
 
 

@@ -14,8 +14,8 @@ import mlflow
 
 from core.latency import plots, report
 from core.latency.data import EstimatorError, TrainingData, knob_value, training_data
-from core.latency.estimator import RESUME_STATE, TRAINING_RECORD_KEYS, VALIDATION_RECORD_KEYS, EstimatorConfig
-from core.latency.study import run_study
+from core.latency.estimator import TRAINING_RECORD_KEYS, VALIDATION_RECORD_KEYS, EstimatorConfig
+from core.latency.study import check_resume, run_study
 from tracking import estimator_refs as refs
 from tracking.artifacts import log_csv, log_figure, log_json, log_text
 from tracking.cli import comma_list, config_from_params
@@ -23,6 +23,7 @@ from tracking.entry_point import EntryPoint, EpochHook
 from tracking.epoch_logging import EpochLogger, epoch_callback
 from tracking.pyfunc_models import log_latency_estimator
 from tracking.registry import Promotion
+from tracking.run_context import note_checkpoint
 from tracking.store import ADAPTIVE_VLM_STUDY
 from tracking.tuning import CategoricalParam, FloatParam, IntParam, Objective, Tuning
 
@@ -68,22 +69,27 @@ TUNING = Tuning(  # the objective is not val_loss: its scale depends on the loss
     objective=Objective(metric="val_rel_error_mean", direction="minimize"))
 
 
-def prepare(params: Params) -> TrainingData:
-    """Validate the parameters, load and check the table, make both splits: every input error surfaces here."""
+def check(params: Params) -> None:
+    """The parameters alone (device included): the pipeline checks them before its first step."""
     config_from_params(EstimatorConfig, params).validate()
     if params.output_tokens < 1:
         raise EstimatorError(f"parameter output_tokens must be >= 1, got {params.output_tokens}")
-    if params.resume_dir and not (Path(params.resume_dir) / RESUME_STATE).is_file():
-        raise FileNotFoundError(f"resume_dir {params.resume_dir} holds no {RESUME_STATE} to resume from")
-    return training_data(params.results_dir, comma_list(params.dataset_names, "dataset_names") or None, params.train_split,
+
+
+def prepare(params: Params) -> TrainingData:
+    """Load and check the table, make both splits, check a resume's checkpoints: every input error surfaces here."""
+    data = training_data(params.results_dir, comma_list(params.dataset_names, "dataset_names") or None, params.train_split,
                          params.seed, params.heldout_knob if params.heldout_config else None,
                          knob_value(params.heldout_knob, params.heldout_value, "heldout_value"))
+    check_resume(data, config_from_params(EstimatorConfig, params), params.resume_dir)  # other data: refused, checkpoints kept
+    return data
 
 
 def execute(params: Params, prepared: TrainingData, epoch_hook: EpochHook | None = None) -> dict[str, float]:
     """Train and score on both splits, log, register; the final metrics (with registered_version when registered)."""
     config = config_from_params(EstimatorConfig, params)
     checkpoint_dir = Path(params.resume_dir or Path(params.output_dir) / mlflow.active_run().info.run_id)
+    note_checkpoint(checkpoint_dir, f"rerun with -P resume_dir={checkpoint_dir} to resume")
     refs.log_training_data(prepared, params.results_dir, comma_list(params.dataset_names, "dataset_names") or None)
     logger = EpochLogger(TRAINING_RECORD_KEYS, VALIDATION_RECORD_KEYS)
     on_epoch = epoch_callback(logger, epoch_hook)
@@ -115,7 +121,7 @@ def summary(params: Params, metrics: Mapping[str, Any]) -> str:
 
 
 ENTRY_POINT = EntryPoint("train_estimator", Params, study=ADAPTIVE_VLM_STUDY, execute=execute, summary=summary,
-                         prepare=prepare, tuning=TUNING, promotion=PROMOTION)
+                         prepare=prepare, tuning=TUNING, promotion=PROMOTION, check=check)
 main = ENTRY_POINT.main
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ rerun there too. Every step run is tagged as a child of the pipeline run (`mlflo
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from entry_points import catalog
+from tracking.cli import INPUT_ERRORS, ParameterError, parse_value
 from tracking.entry_point import EntryPoint
 from tracking.run_context import REPO_ROOT, git_commit
 from tracking.store import PIPELINE_STUDY
@@ -147,9 +149,40 @@ def run_step(step: Step, parameters: dict[str, str], parent_run_id: str, commit:
     return StepOutcome(step.name, submitted.run_id, reused=False)
 
 
+class _EarlierRuns(dict):
+    """Stands in for the run ids of earlier steps while their parameters are checked; records the asks."""
+
+    def __missing__(self, step: str) -> str:
+        self.setdefault("_asked", "yes")
+        return "0" * 32
+
+
+def check_steps(params: Params) -> None:
+    """Every step's parameters, before the first step runs (a late step's bad value used to fail after
+    earlier steps had run and registered): typed as the step's Params, then its `check`; a step with no
+    `check` that needs nothing from earlier steps (or from the registry they change) runs its `prepare`.
+    ParameterError naming the step otherwise."""
+    for step in steps_for(params):
+        entry, earlier = catalog.load(step.entry_point), _EarlierRuns()
+        fields = {f.name: f for f in dataclasses.fields(entry.params)}
+        try:
+            unknown = sorted(set(step.parameters(earlier)) - set(fields))
+            if unknown:
+                raise ParameterError(f"unknown parameter(s) {unknown}")
+            typed = {k: parse_value(fields[k], v) for k, v in step.parameters(earlier).items()}
+            step_params = entry.params(**typed)
+            if entry.check is not None:
+                entry.check(step_params)
+            elif step.reusable and "_asked" not in earlier:
+                entry.prepare(step_params)
+        except INPUT_ERRORS as exc:
+            raise ParameterError(f"pipeline step {step.name} ({step.entry_point}): {exc}") from None
+
+
 def prepare(params: Params) -> None:
     if params.trace != "synthetic" and not Path(params.trace).is_file():
         raise FileNotFoundError(f"trace file {params.trace} does not exist")
+    check_steps(params)
 
 
 def execute(params: Params, prepared: None) -> dict[str, object]:

@@ -11,8 +11,13 @@
 #   PG_PORT            PostgreSQL port on 127.0.0.1 (default 5433: leaves a system cluster's 5432 alone)
 #   MLFLOW_PORT        tracking server port on 127.0.0.1 (default 5000)
 #   MLFLOW_WORKERS     server worker processes (default 2: a two-core machine)
-# Databases: `mlflow` (runs and registry) and `optuna` (shared studies), user `mlflow`, trust
-# authentication: only processes on this host can connect (listen_addresses = 127.0.0.1).
+# Databases: `mlflow` (runs and registry) and `optuna` (shared studies), owned by role `mlflow` (not a
+# superuser; it can create nothing else). Password authentication (scram-sha-256) for every connection,
+# local ones included; listen_addresses = 127.0.0.1. On first use the script generates the passwords:
+#   $MLFLOW_SERVER_DIR/postgres-admin.password  the cluster's superuser `postgres_admin` (0600)
+#   $MLFLOW_SERVER_DIR/pgpass                   libpq password file for role `mlflow` (0600): clients
+#                                               `export PGPASSFILE=$MLFLOW_SERVER_DIR/pgpass` and keep the
+#                                               password out of URLs (and so out of logged parameters)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +27,9 @@ PG_PORT=${PG_PORT:-5433}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 MLFLOW_WORKERS=${MLFLOW_WORKERS:-2}
 DB_USER=mlflow
+ADMIN_USER=postgres_admin
+ADMIN_PASSWORD_FILE=$STATE_DIR/postgres-admin.password
+PGPASS_FILE=$STATE_DIR/pgpass
 
 # Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<version>/bin.
 pg_bin() {
@@ -63,23 +71,40 @@ if [ "$(id -u)" = 0 ]; then
     fi
 fi
 chmod 700 "$PGDATA"
+new_password() { "${PYTHON:-python3}" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
 if [ ! -f "$PGDATA/PG_VERSION" ]; then
-    echo "mlflow_server: initialising a PostgreSQL cluster in $PGDATA"
-    as_pg "$INITDB" -D "$PGDATA" -U "$DB_USER" --auth=trust -E UTF8 --no-locale >/dev/null
+    echo "mlflow_server: initialising a PostgreSQL cluster in $PGDATA (password authentication)"
+    (umask 077; new_password > "$ADMIN_PASSWORD_FILE"; printf '127.0.0.1:*:*:%s:%s\n' "$DB_USER" "$(new_password)" > "$PGPASS_FILE")
+    # initdb runs as the cluster's user, which may not reach STATE_DIR: hand it a private copy.
+    pwfile=$(mktemp)
+    cp "$ADMIN_PASSWORD_FILE" "$pwfile"
+    [ "$(id -u)" = 0 ] && chown "${PG_OS_USER:-postgres}" "$pwfile"
+    as_pg "$INITDB" -D "$PGDATA" -U "$ADMIN_USER" --pwfile="$pwfile" --auth=scram-sha-256 -E UTF8 --no-locale >/dev/null
+    rm -f "$pwfile"
+elif [ ! -f "$ADMIN_PASSWORD_FILE" ] || [ ! -f "$PGPASS_FILE" ]; then
+    echo "error: the cluster in $PGDATA has no password files in $STATE_DIR (made by an older, trust-authenticated version of this script): move it away to start a new one" >&2
+    exit 1
 fi
 # Socket and log inside the data directory: nothing outside it needs to be writable by the cluster's user.
 as_pg "$PG_CTL" -D "$PGDATA" -l "$PGDATA/postgres.log" -w -t 60 \
     -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PGDATA" start >/dev/null
 trap stop_postgres EXIT
+admin_sql() { PGPASSWORD=$(cat "$ADMIN_PASSWORD_FILE") "$PSQL" -h 127.0.0.1 -p "$PG_PORT" -U "$ADMIN_USER" -d postgres -v ON_ERROR_STOP=1 "$@"; }
+if [ "$(admin_sql -tAc "SELECT 1 FROM pg_roles WHERE rolname = '$DB_USER'")" != 1 ]; then
+    password=$(cut -d: -f5- "$PGPASS_FILE")
+    admin_sql -qc "CREATE ROLE $DB_USER LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '$password'" >/dev/null
+fi
 for db in mlflow optuna; do
-    exists=$("$PSQL" -h 127.0.0.1 -p "$PG_PORT" -U "$DB_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")
-    [ "$exists" = 1 ] || "$PSQL" -h 127.0.0.1 -p "$PG_PORT" -U "$DB_USER" -d postgres -qc "CREATE DATABASE $db" >/dev/null
+    exists=$(admin_sql -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")
+    [ "$exists" = 1 ] || admin_sql -qc "CREATE DATABASE $db OWNER $DB_USER" >/dev/null
 done
 
+# The server and its clients read the role's password from the pgpass file (never from a URL).
+export PGPASSFILE=$PGPASS_FILE
 BACKEND="postgresql+psycopg2://$DB_USER@127.0.0.1:$PG_PORT/mlflow"
-echo "mlflow_server: backend store $BACKEND, artifacts $STATE_DIR/artifacts"
+echo "mlflow_server: backend store $BACKEND (password in $PGPASS_FILE), artifacts $STATE_DIR/artifacts"
 echo "mlflow_server: export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
-echo "mlflow_server: Optuna storage for tune: -P storage=postgresql+psycopg2://$DB_USER@127.0.0.1:$PG_PORT/optuna"
+echo "mlflow_server: Optuna storage for tune: export PGPASSFILE=$PGPASS_FILE; -P storage=postgresql+psycopg2://$DB_USER@127.0.0.1:$PG_PORT/optuna"
 MLFLOW_BIN=mlflow
 [ -x .venv/bin/mlflow ] && MLFLOW_BIN=.venv/bin/mlflow
 # Its own process group (setsid), so stopping reaches the uvicorn workers it spawns; not exec, so

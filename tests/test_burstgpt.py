@@ -66,12 +66,45 @@ def test_reader_missing_column_names_it(tmp_path):
         read_burstgpt_csv(path)
 
 
-def test_reader_unsorted_timestamp_names_the_row(tmp_path):
+def test_reader_sorts_unsorted_rows_with_a_one_line_warning(tmp_path, caplog):
     rows = [list(r) for r in GOOD_ROWS]
     rows[2][0] = 3  # 3 s after a row at 5 s
     path = _write_trace(tmp_path / "t.csv", rows)
-    with pytest.raises(TraceError, match=r"'Timestamp' is not sorted ascending at row 2"):
+    with caplog.at_level("WARNING"):
+        trace = read_burstgpt_csv(path)
+    assert trace["Timestamp"].tolist() == [0, 3, 5] and trace["Request tokens"].tolist() == [10, 7, 100]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "\n" not in warning and "not sorted ascending" in warning and "row 2" in warning and "sorting" in warning
+
+
+def test_unsorted_rows_keep_their_csv_row_in_later_messages(tmp_path):
+    rows = [list(r) for r in GOOD_ROWS]
+    rows[0][0], rows[0][2] = 70, "x"  # the bad row sorts last but is data row 0
+    path = _write_trace(tmp_path / "t.csv", rows)
+    with pytest.raises(TraceError, match=r"'Request tokens' .* row 0 \(CSV line 2\) has 'x'"):
         read_burstgpt_csv(path)
+
+
+def test_nan_is_reported_as_nan_not_numpys_repr(tmp_path):
+    rows = [list(r) for r in GOOD_ROWS]
+    rows[1][0] = np.nan
+    path = _write_trace(tmp_path / "t.csv", rows)
+    with pytest.raises(TraceError) as info:
+        read_burstgpt_csv(path)
+    assert str(info.value).endswith("row 1 (CSV line 3): nan"), str(info.value)
+
+
+def test_unix_epoch_timestamps_are_rebased_not_allocated(tmp_path, caplog):
+    """Seconds since 1970 made the per-second grid ~1.7e9 long (GiBs per channel)."""
+    rows = [list(r) for r in GOOD_ROWS]
+    for row in rows:
+        row[0] += 1_700_000_030  # not on a minute boundary: the rebase keeps the first minute's offset
+    path = _write_trace(tmp_path / "t.csv", rows)
+    with caplog.at_level("WARNING"):
+        trace = read_burstgpt_csv(path)
+    assert trace["Timestamp"].tolist() == [50, 55, 111]
+    assert any("Unix-epoch" in r.getMessage() for r in caplog.records)
+    assert len(per_minute_series(trace)) == 2
 
 
 def test_reader_negative_timestamp_names_the_row(tmp_path):
@@ -189,3 +222,16 @@ def test_per_minute_series_sums_by_minute_with_zero_gaps():
     assert series["input_tokens"].tolist() == [30, 70, 0, 50]
     assert series["output_tokens"].tolist() == [1, 7, 0, 5]
     assert (series.dtypes == np.float64).all()
+
+
+def test_expected_load_is_the_generators_intensity():
+    from core.forecasting.burstgpt import synthetic_expected_load
+
+    expected = synthetic_expected_load(num_days=14, seed=0)
+    actual = per_minute_series(generate_synthetic_trace(num_days=14, seed=0))
+    assert list(expected.columns) == list(CHANNELS) and len(expected) == len(actual)
+    # The means agree within sampling error, and the intensity tracks the day (correlation over hours).
+    ratio = actual.mean() / expected.mean()
+    assert ((ratio > 0.93) & (ratio < 1.07)).all(), ratio
+    hourly = lambda f: f["requests"].groupby(f.index // 60).sum()  # noqa: E731
+    assert np.corrcoef(hourly(expected), hourly(actual))[0, 1] > 0.9

@@ -96,3 +96,27 @@ def test_knob_sampling_covers_full_minimal_and_random_subsets():
     assert any(order is not None for _, order in draws)
     for c in configs:
         space.validate(c)
+
+
+class _RunsCode:
+    def __reduce__(self):  # what a crafted pickle does on load: call any function with any argument
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_crafted_training_state_is_refused_without_running_it(tmp_path: Path):
+    # training_state.pt was loaded with weights_only=False: a crafted pickle ran a command.
+    crafted = _RunsCode()
+    crafted.marker = str(tmp_path / "ran")
+    torch.save({"epoch": 1, "history": [], "config": {}, "reader": {}, "optimizer": None, "x": crafted},
+               tmp_path / "training_state.pt")
+    with pytest.raises(ValueError, match="training_state.pt holds more than tensors"):
+        recorded_history(tmp_path)
+    with pytest.raises(ValueError, match="training_state.pt holds more than tensors"):
+        train_base_vlm(_config(epochs=1), checkpoint_dir=tmp_path, resume=True)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_saved_training_state_loads_with_weights_only(tmp_path: Path):
+    train_base_vlm(_config(epochs=1), checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    assert state["optimizer"]["state"] and state["history"][0]["epoch"] == 1

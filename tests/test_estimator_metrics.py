@@ -10,7 +10,7 @@ from core.latency.metrics import (
     COMPONENTS,
     component_metrics,
     evaluate_components,
-    feature_floor,
+    feature_twin_mape,
     mean_over_components,
     per_config_table,
     quantile_coverage,
@@ -116,20 +116,20 @@ def test_run_to_run_noise_matches_a_direct_computation_on_uneven_groups():
     assert run_to_run_noise(rows)["noise_mape_vision"] == pytest.approx(100 * np.mean(expected))
 
 
-def test_feature_floor_predicts_each_row_from_the_other_rows_with_its_features():
+def test_feature_twin_mape_predicts_each_row_from_the_other_rows_with_its_features():
     truth = pd.DataFrame({
         "sample_id": ["a", "b", "c", "d"], "tier": "low", "top_k": 4, "num_active_blocks": 8,
         "vision_tokens": [8, 8, 8, 12], "text_tokens": 10,
         "T_prefill_ms": [100.0, 110.0, 90.0, 50.0],  # d has no twin: skipped
         "T_decode_per_token_ms": [2.0, 2.0, 4.0, 3.0], "output_tokens": [3, 3, 1, 3],  # c: no decode
     })
-    out = feature_floor(truth)
+    out = feature_twin_mape(truth)
     # 100 vs median(110, 90) = 100; 110 vs 95; 90 vs 105 (relative to the truth, as test_mape)
-    assert out["floor_mape_prefill"] == pytest.approx(100 * (0 + 15 / 110 + 15 / 90) / 3)
-    assert out["floor_mape_decode"] == pytest.approx(0.0)  # a and b are the decode group
-    assert "floor_mape_vision" not in out
+    assert out["feature_twin_mape_prefill"] == pytest.approx(100 * (0 + 15 / 110 + 15 / 90) / 3)
+    assert out["feature_twin_mape_decode"] == pytest.approx(0.0)  # a and b are the decode group
+    assert "feature_twin_mape_vision" not in out
     with pytest.raises(ValueError, match="text_tokens"):
-        feature_floor(truth.drop(columns="text_tokens"))
+        feature_twin_mape(truth.drop(columns="text_tokens"))
 
 
 def test_components_are_the_predicted_ones_plus_the_total():

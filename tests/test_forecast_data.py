@@ -113,3 +113,25 @@ def test_build_datasets_applies_stride_to_train_only():
                           train_frac=0.7, val_frac=0.1)
     assert np.diff(data.t0_train).min() == 5
     assert np.diff(data.t0_test).max() == 1
+
+
+def test_split_parameter_takes_two_or_three_fractions():
+    from core.forecasting.windows import parse_split
+
+    assert parse_split("0.6,0.1") == (0.6, 0.1, None) and parse_split("0.6,0.1,0.2") == (0.6, 0.1, 0.2)
+    for bad in ("0.6", "a,b", "0.1,0.2,0.3,0.4"):
+        with pytest.raises(ForecastDataError, match="split must be"):
+            parse_split(bad)
+    split = chronological_split(_indexed_series(1000), 0.6, 0.1, 0.2)
+    assert (split.val_start, split.test_start, len(split.test), len(split.full)) == (600, 700, 200, 900)
+
+
+def test_too_short_a_trace_fails_naming_it():
+    from core.forecasting.windows import check_history
+
+    data = build_datasets(_indexed_series(2000), seq_len=24, horizon=3, train_frac=0.6, val_frac=0.1)
+    check_history(data, "trace t.csv", 24, 60)
+    with pytest.raises(ForecastDataError, match=r"trace t\.csv: the test part starts at minute 1400.*num_days"):
+        check_history(data, "trace t.csv", 24, 1440)
+    with pytest.raises(ForecastDataError, match=r"trace t\.csv: the training part holds 1200 minutes"):
+        check_history(data, "trace t.csv", 1300, 60)

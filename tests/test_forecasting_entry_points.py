@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -55,7 +56,6 @@ def _bad_csv(tmp_path: Path, mutate) -> Path:
     "case, mutate, expected",
     [
         ("missing column", lambda f: f.drop(columns=["Response tokens"]), "Response tokens"),
-        ("unsorted timestamps", lambda f: f.assign(Timestamp=f["Timestamp"].values[::-1]), "Timestamp"),
         ("negative timestamp", lambda f: f.assign(Timestamp=f["Timestamp"] - 1e6), "Timestamp"),
         ("NaN tokens", lambda f: f.assign(**{"Request tokens": f["Request tokens"].where(f.index != 7)}), "Request tokens"),
     ],
@@ -104,6 +104,65 @@ def test_failed_mlflow_run_is_marked_failed_not_running(subprocess_env, tmp_path
     assert _runs("RUNNING") == []
 
 
+def test_short_trace_fails_in_prepare_naming_trace_and_parameter(tracking_store, capsys):
+    """A one-day trace used to fail after DLinear trained, naming neither the trace nor a parameter."""
+    code = exit_on_input_error(lambda: train_predictor.main(["--num_days", "1", "--num_epochs", "1"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "trace synthetic" in err[0] and "num_days" in err[0], err
+    assert _runs() == []
+
+
+@pytest.mark.parametrize("argv, expected", [(["--lr", "inf"], "lr must be a finite number"),
+                                            (["--split", "0.7"], "split must be"),
+                                            (["--model_kind", "transformer"], "model_kind must be one of")])
+def test_bad_training_parameters_fail_before_a_run(tracking_store, capsys, argv, expected):
+    code = exit_on_input_error(lambda: train_predictor.main([*SMALL, *argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert _runs() == []
+
+
+def test_diverged_training_stops_in_one_line_and_registers_nothing(tracking_store, capsys):
+    """lr=inf (or any lr that makes the loss NaN/inf) used to train every epoch, exit 0 and register the model."""
+    code = exit_on_input_error(lambda: train_predictor.main([*SMALL, "--model_kind", "dlinear", "--lr", "1e30"]))
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "it/s]" not in line]  # not the progress bar
+    assert code != 0 and len(err) == 1 and "diverged at epoch 1" in err[0] and "lr=1e+30" in err[0], err
+    assert _runs("RUNNING") == [] and _runs("FINISHED") == []
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_calendar_mlp_run_logs_dlinear_reference_quantiles_and_kind_and_resumes(tracking_store, capsys):
+    assert train_predictor.main([*SMALL, "--split", "0.6,0.1,0.2"]) == 0
+    (run,) = _runs("FINISHED")
+    metrics, client = run.data.metrics, MlflowClient()
+    for ch in ("requests", "input_tokens", "output_tokens"):
+        assert np.isfinite(metrics[f"baseline_dlinear_test_mae_{ch}"]) and 0 < metrics[f"test_p90_coverage_{ch}"] <= 1
+    assert run.data.tags["model_kind"] == "calendar_mlp" and run.data.params["split"] == "0.6,0.1,0.2"
+    version = client.get_model_version("workload-predictor", "1")
+    assert version.tags["model_kind"] == "calendar_mlp"
+    checkpoints = sorted(p.name.split("-")[0] for p in Path("outputs/train_predictor").glob("*.pt"))
+    assert checkpoints == ["calendar_mlp", "dlinear"]  # on by default, one per model
+    # The same command again resumes the finished checkpoints instead of training from scratch.
+    assert train_predictor.main([*SMALL, "--split", "0.6,0.1,0.2", "--register", "false"]) == 0
+    rerun = max(_runs("FINISHED"), key=lambda r: r.info.start_time)
+    config = json.loads(Path(client.download_artifacts(rerun.info.run_id, "training_config.json")).read_text())
+    assert config["resumed_from_epoch"] == 3 and rerun.data.metrics["test_mae_requests"] == metrics["test_mae_requests"]
+
+
+def test_served_forecaster_uses_its_threads_and_clips_at_zero(tracking_store):
+    import torch
+
+    assert train_predictor.main([*SMALL, "--num_threads", "1", "--register", "false"]) == 0
+    (run,) = _runs("FINISHED")
+    torch.set_num_threads(2)  # as OMP_NUM_THREADS=2 (the Makefile) would leave it
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert torch.get_num_threads() == 1
+    history = pd.DataFrame({"minute": np.arange(60), "requests": 0.0, "input_tokens": 0.0, "output_tokens": 0.0})
+    forecast = model.predict(history)
+    assert list(forecast["step"]) == [1, 2, 3] and (forecast.drop(columns="step").to_numpy() >= 0).all()
+    assert {"requests_p90", "input_tokens_p90", "output_tokens_p90"} <= set(forecast.columns)
+
+
 # --- the study end to end ------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -141,7 +200,7 @@ def test_train_tune_promote_and_load_champion(subprocess_env, tmp_path):
         "import mlflow, pandas as pd, numpy as np\n"
         "m = mlflow.pyfunc.load_model('models:/workload-predictor@champion')\n"
         "h = pd.DataFrame(np.abs(np.random.default_rng(0).normal(50, 5, (60, 3))),"
-        " columns=['requests','input_tokens','output_tokens'])\n"
+        " columns=['requests','input_tokens','output_tokens']).assign(minute=np.arange(60))\n"
         "print(m.predict(h).to_json())\n"
     )
     loaded = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=subprocess_env, capture_output=True,
@@ -149,7 +208,8 @@ def test_train_tune_promote_and_load_champion(subprocess_env, tmp_path):
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     forecast = pd.read_json(__import__("io").StringIO(loaded.stdout.strip().splitlines()[-1]))
     assert list(forecast["step"]) == [1, 2, 3]
-    assert set(forecast.columns) == {"step", "requests", "input_tokens", "output_tokens"}
+    assert set(forecast.columns) == {"step", "requests", "input_tokens", "output_tokens", "requests_p90",
+                                     "input_tokens_p90", "output_tokens_p90"}
 
 
 def _clean_checkout(tmp_path: Path) -> Path:

@@ -93,3 +93,63 @@ def test_merge_compacts_to_one_file_per_dataset(tmp_path):
     store.merge()  # in place
     assert [p.name for p in store.part_files()] == ["part-merged-0.parquet"]
     assert len(store.load()) == 6
+
+
+# --- concurrent writers and damaged parts (issue 17) ---------------------------------------------
+
+def _append_parts(results_dir: str, writer: int, shard: int, parts: int) -> None:
+    store = ProfileStore(results_dir)
+    for n in range(parts):
+        store.append([make_row(f"a:test:{writer}-{n}-{i}", dataset="a") for i in range(3)], shard=shard)
+
+
+@pytest.mark.parametrize("shards", [(0, 0), (0, 0, 0, 0), (0, 1, 0, 1)], ids=["2-same", "4-same", "4-mixed"])
+def test_concurrent_writers_lose_no_row(tmp_path, shards):
+    # Two writers of one shard used one tmp name and picked the same part number: a part was replaced or corrupt.
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_parts, args=(str(tmp_path), w, s, 8)) for w, s in enumerate(shards)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0] * len(shards)
+    df = ProfileStore(tmp_path).load()
+    assert len(df) == len(shards) * 8 * 3 and df["sample_id"].is_unique
+    assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+def _damage(path, where: str) -> None:
+    data = bytearray(path.read_bytes())
+    if where == "footer":
+        data[-12:-4] = b"\x00" * 8  # the footer length and the end of its metadata
+    else:
+        middle = len(data) // 3
+        data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["footer", "data"])
+def test_corrupt_part_is_moved_aside_named_and_measured_again(tmp_path, caplog, where):
+    store = ProfileStore(tmp_path)
+    store.append(rows("a", 2), shard=0)
+    bad = store.append([make_row(f"a:test:{i}", dataset="a") for i in range(2, 40)], shard=0)[0]
+    _damage(bad, where)
+    with caplog.at_level("WARNING"):
+        keys = store.existing_keys()
+    assert len(keys) == 2  # the damaged part's rows count as not measured: a resume measures them again
+    assert str(bad) in caplog.text and "corrupt" in caplog.text and len(caplog.records) == 1
+    assert not bad.exists() and bad.with_name(bad.name + ".corrupt").exists()
+    assert len(store.load()) == 2  # later loads read the rest without a traceback
+    store.append(rows("a", 1, run_index=5), shard=0)
+    assert (tmp_path / "a" / "part-0-2.parquet").exists()  # a new part never reuses the moved-aside name
+
+
+def test_results_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ProfileStoreError, match="is a file"):
+        ProfileStore(tmp_path / "file").check_writable()
+    with pytest.raises(ProfileStoreError, match="is a file"):
+        ProfileStore(tmp_path / "file" / "below").check_writable()
+    ProfileStore(tmp_path / "new" / "dir").check_writable()  # a directory still to be made is fine

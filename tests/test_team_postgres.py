@@ -29,7 +29,8 @@ import sqlalchemy
 from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.postgres
+# A throwaway cluster and server cost ~25 s to start and each test ~30 s: slow as well.
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 def _postgres_binary(name: str) -> str | None:
@@ -49,6 +50,8 @@ class TeamServer:
     mlflow_db: str  # SQLAlchemy URL of the backend store
     optuna_storage: str
     log: Path
+    pgpass: Path  # the generated libpq password file of role mlflow
+    admin_password: Path
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,7 @@ def team_server(tmp_path_factory: pytest.TempPathFactory) -> TeamServer:
                 pytest.fail(f"mlflow_server.sh did not come up (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
     db = f"postgresql+psycopg2://mlflow@127.0.0.1:{pg_port}"
-    yield TeamServer(uri, f"{db}/mlflow", f"{db}/optuna", log)
+    yield TeamServer(uri, f"{db}/mlflow", f"{db}/optuna", log, state / "pgpass", state / "postgres-admin.password")
     proc.send_signal(signal.SIGTERM)  # the script stops the server, then PostgreSQL
     try:
         proc.wait(timeout=60)
@@ -97,6 +100,7 @@ def server_env(team_server: TeamServer, tmp_path: Path, monkeypatch: pytest.Monk
     """Subprocess environment pointing at the team server; this process's client too."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.tracking_uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(team_server.pgpass))  # the role's password, never in a URL
     mlflow.set_tracking_uri(team_server.tracking_uri)
     env = dict(os.environ)
     env.update({"MLFLOW_TRACKING_URI": team_server.tracking_uri, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
@@ -160,3 +164,17 @@ def test_two_tune_workers_share_one_postgres_study(team_server, server_env, synt
     assert len(parents) == 2
     assert sorted(int(r.data.tags["optuna_trial"]) for r in trials) == numbers  # each trial one MLflow run
     assert {r.data.tags["parent_tune_run"] for r in trials} == {p.info.run_id for p in parents}
+
+
+def test_the_cluster_wants_passwords_and_mlflow_is_no_superuser(team_server, monkeypatch):
+    # The cluster trusted every local user, and its `mlflow` role was a superuser.
+    for secret in (team_server.pgpass, team_server.admin_password):
+        assert secret.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("PGPASSFILE", os.devnull)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="password"):
+        sqlalchemy.create_engine(team_server.mlflow_db).connect().close()
+    monkeypatch.setenv("PGPASSFILE", str(team_server.pgpass))
+    with sqlalchemy.create_engine(team_server.mlflow_db).connect() as db:
+        role = db.execute(sqlalchemy.text("SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = 'mlflow'")).one()
+    assert tuple(role) == (False, False, False)

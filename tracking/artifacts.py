@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -15,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.data.code_dataset_source import CodeDatasetSource  # noqa: E402
+
+from core.data_digest import frame_digest  # noqa: E402  (re-exported: entry points import it from here)
 
 DATASET_CONTEXTS = ("training", "validation", "test", "profile")
 
@@ -52,12 +53,6 @@ def log_figures(figures: dict[str, "plt.Figure"], folder: str = "plots") -> None
         log_figure(figure, f"{folder}/{stem}.png")
 
 
-def frame_digest(frame: pd.DataFrame) -> str:
-    """Short content hash of a dataframe (values and column names)."""
-    hashed = pd.util.hash_pandas_object(frame, index=True).values.tobytes()
-    return hashlib.sha256(hashed + "|".join(map(str, frame.columns)).encode()).hexdigest()[:16]
-
-
 def log_dataset_input(
     frame: pd.DataFrame, name: str, context: str, source: str | dict[str, str], targets: str | None = None
 ) -> str:
@@ -78,9 +73,9 @@ def log_split_inputs(
 ) -> None:
     """The split a run was trained and scored on: `frame`'s digest as the run's `data_digest` tag,
     each part (context -> row slice of `frame`) as a dataset input `<name_prefix>-<context>` with its
-    row count as a `split_<context>_rows` param, and `kind` (how it was split) as the `split` param."""
+    row count as a `split_<context>_rows` param, and `kind` (how it was split) as the `split_kind` param."""
     mlflow.set_tag("data_digest", frame_digest(frame))
-    mlflow.log_param("split", kind)
+    mlflow.log_param("split_kind", kind)
     for context, rows in parts.items():
         log_dataset_input(frame.iloc[rows], name=f"{name_prefix}-{context}", context=context, source=source)
     mlflow.log_params({f"split_{context}_rows": len(frame.iloc[rows]) for context, rows in parts.items()})

@@ -20,7 +20,8 @@ import traceback
 from functools import lru_cache
 from typing import Any, Callable, Sequence, TypeVar
 
-from tracking.store import TrackingServerError
+from tracking.run_context import RunTerminated
+from tracking.store import TrackingServerError, redact
 
 P = TypeVar("P")
 
@@ -112,7 +113,8 @@ def comma_list(text: str, parameter: str, choices: Sequence[str] | None = None, 
 
 
 def exit_on_input_error(main: Callable[[], int | None]) -> int:
-    """Run `main`; turn input errors into one line on stderr and exit code 2 (3: tracking server down).
+    """Run `main`; turn input errors into one line on stderr and exit code 2 (3: tracking server down,
+    143: SIGTERM; the run already ended FAILED).
 
     Set PLATFORM_DEBUG=1 for the full traceback.
     """
@@ -122,13 +124,16 @@ def exit_on_input_error(main: Callable[[], int | None]) -> int:
         if os.environ.get("PLATFORM_DEBUG"):
             traceback.print_exc()
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {redact(str(message))}", file=sys.stderr)
         return 2
     except TrackingServerError as exc:
         if os.environ.get("PLATFORM_DEBUG"):
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except RunTerminated as exc:
+        print(f"error: {exc}; the run was ended FAILED", file=sys.stderr)
+        return 128 + 15
 
 
 def config_from_params(config_cls: type[P], params: Any, **overrides: Any) -> P:

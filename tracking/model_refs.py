@@ -53,13 +53,17 @@ def resolve_drop_order(ref: str, num_blocks: int) -> list[int] | None:
     path = Path(ref)
     if not path.is_file():
         raise ModelReferenceError(f"importance={ref!r} is neither an importance run id nor a JSON file")
-    data = json.loads(path.read_text())
-    if isinstance(data, dict) and "drop_order" in data:
-        order = [int(b) for b in data["drop_order"]]
-    elif isinstance(data, dict):
-        order = drop_order_from_importance({int(k): float(v) for k, v in data.items()}, num_blocks)
-    else:
-        raise ModelReferenceError(f"{path}: expected {{'drop_order': [...]}} or {{block: score}}")
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "drop_order" in data:
+            order = [int(b) for b in data["drop_order"]]
+        elif isinstance(data, dict):
+            order = drop_order_from_importance({int(k): float(v) for k, v in data.items()}, num_blocks)
+        else:
+            raise ValueError("a JSON list or value")
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ModelReferenceError(f"importance file {path}: expected JSON {{'drop_order': [...]}} or {{block: score}} "
+                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
     if sorted(order) != list(range(1, num_blocks - 1)):
         raise ModelReferenceError(f"{path}: drop_order {order} is not a permutation of the middle blocks 1..{num_blocks - 2}")
     return order

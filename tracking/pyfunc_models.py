@@ -17,14 +17,20 @@ from tracking.models import log_pyfunc_model
 class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
     """`models:/workload-predictor@champion`: history dataframe in, next `horizon` minutes out.
 
-    Input: at least `seq_len` rows with columns requests, input_tokens, output_tokens (per minute,
-    oldest first). Output: `horizon` rows with `step` (1..horizon) and the three channels.
+    Input: at least the model's context rows with columns requests, input_tokens, output_tokens (per
+    minute, oldest first) and, for the calendar MLP, `minute` (minutes since the trace start). Output:
+    `horizon` rows with `step` (1..horizon), the three channels (P50, >= 0) and, for the calendar MLP,
+    `<channel>_p90`. Torch runs on the training's `num_threads` (set at load time).
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        import torch
+
         from core.forecasting.training import Forecaster
 
         self.forecaster = Forecaster.load(context.artifacts["forecaster"])
+        if self.forecaster.config.num_threads is not None:
+            torch.set_num_threads(self.forecaster.config.num_threads)
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         forecast = self.forecaster.forecast(pd.DataFrame(model_input))
@@ -32,12 +38,18 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def log_forecaster(forecaster, history: pd.DataFrame, registered_model_name: str | None, promotion=None) -> int | None:
-    """Log a core Forecaster as `model` (input example: `history`), registering it when a name is given."""
+    """Log a core Forecaster as `model` (input example: `history`), registering it when a name is given;
+    the run and the registered version are tagged with its `model_kind`."""
+    kind = forecaster.config.model_kind
+    mlflow.set_tag("model_kind", kind)
     with tempfile.TemporaryDirectory() as tmp:
         forecaster.save(Path(tmp) / "forecaster")
         output = forecaster.forecast(history).rename_axis("step").reset_index()
-        return log_pyfunc_model("model", ForecasterPyfunc(), {"forecaster": str(Path(tmp) / "forecaster")}, history, output,
-                                registered_model_name=registered_model_name, promotion=promotion)
+        version = log_pyfunc_model("model", ForecasterPyfunc(), {"forecaster": str(Path(tmp) / "forecaster")}, history,
+                                   output, registered_model_name=registered_model_name, promotion=promotion)
+    if version is not None:
+        mlflow.MlflowClient().set_model_version_tag(registered_model_name, str(version), "model_kind", kind)
+    return version
 
 
 def encode_image(image) -> str:

@@ -92,12 +92,21 @@ def candidate_versions(name: str, metric: str, data_digest: str | None = None) -
     return sorted(out, key=lambda c: int(c.version))
 
 
+def competing_versions(name: str, metric: str, data_digest: str | None = None) -> list[CandidateVersion]:
+    """`candidate_versions`, never empty: RegistryError saying why (no version has the metric, or none was
+    trained on table `data_digest`, naming the tables that do have it)."""
+    candidates = candidate_versions(name, metric, data_digest)
+    if candidates:
+        return candidates
+    if data_digest is not None and (tables := sorted({c.data_digest or "(untagged)" for c in candidate_versions(name, metric)})):
+        raise RegistryError(f"no version of {name!r} was trained on table {data_digest!r} "
+                            f"(versions with {metric!r} were trained on: {', '.join(tables)})")
+    raise RegistryError(f"no version of {name!r} has a logged metric {metric!r}")
+
+
 def newest_data_digest(name: str, metric: str) -> str:
     """The table (data_digest tag) of the newest version of `name` that logged `metric`."""
-    candidates = candidate_versions(name, metric)
-    if not candidates:
-        raise RegistryError(f"no version of {name!r} has a logged metric {metric!r}")
-    return candidates[-1].data_digest
+    return competing_versions(name, metric)[-1].data_digest
 
 
 @dataclass(frozen=True)
@@ -121,9 +130,7 @@ def promote(
     """
     if mode not in ("min", "max"):
         raise RegistryError(f"mode must be 'min' or 'max', got {mode!r}")
-    candidates = candidate_versions(name, metric, data_digest)
-    if not candidates:
-        raise RegistryError(f"no version of {name!r} has a logged metric {metric!r}")
+    candidates = competing_versions(name, metric, data_digest)
     better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
     by_version = {c.version: c for c in candidates}
     if version:

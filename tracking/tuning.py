@@ -20,6 +20,8 @@ import optuna
 import sqlalchemy.exc
 from optuna_integration.mlflow import MLflowCallback
 
+from tracking.store import redact
+
 if TYPE_CHECKING:
     from tracking.entry_point import EntryPoint
 
@@ -113,9 +115,13 @@ def make_study(
                 pruner=PRUNERS[pruner](),
                 load_if_exists=True,
             )
-        except sqlalchemy.exc.DBAPIError:
+        except ImportError as exc:
+            raise TuneError(f"storage={redact(storage)}: {exc} (e.g. postgresql+psycopg2://... uses the installed driver)") from None
+        except sqlalchemy.exc.DBAPIError as exc:
             if attempt == _CREATE_ATTEMPTS - 1:
-                raise
+                # One line, password redacted: a wrong password or an unreachable database is an input error.
+                reason = " ".join(str(exc.orig or exc).split())[:300]
+                raise TuneError(f"storage={redact(storage)}: cannot open the Optuna storage ({redact(reason)})") from None
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
     raise AssertionError("unreachable")
 
@@ -161,7 +167,7 @@ def run_study(
                 trial.set_user_attr("pruned_at_epoch", epoch)
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-        metrics = entry.execute(params, entry.prepare(params), epoch_hook=epoch_hook)
+        metrics = entry.execute(params, entry.checked_prepare(params), epoch_hook=epoch_hook)
         return float(metrics[objective_spec.metric])
 
     study.optimize(objective, n_trials=n_trials, timeout=timeout_s, callbacks=[callback], catch=())

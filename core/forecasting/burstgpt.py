@@ -4,8 +4,8 @@ and the per-minute load series (requests, input tokens, output tokens) that the 
 A trace is one row per request with the published columns (`BURSTGPT_COLUMNS`) plus a boolean
 `failed` (Response tokens == 0). Failed requests are kept: they are arrivals the server had to take.
 
-The generator follows the published facts of BurstGPT file 1 (see REFERENCE.md): ~16 requests/min
-over 61 days; conversation-log traffic is diurnal (near zero 02:00-07:00, peaks 10-11h and 15-16h,
+The generator follows the published statistics of BurstGPT file 1 (the BurstGPT trace release):
+~16 requests/min over 61 days; conversation-log traffic is diurnal (near zero 02:00-07:00, peaks 10-11h and 15-16h,
 a lunch dip) and higher on weekdays; API-log traffic is a bursty gamma renewal process (shape well
 below 1) without a daily cycle; Zipf-like request lengths (a ~ 1.1, capped); response lengths that
 depend on the request length; ~2 % failures.
@@ -13,6 +13,7 @@ depend on the request length; ~2 % failures.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +31,9 @@ LOG_TYPES: tuple[str, ...] = ("Conversation log", "API log")
 
 SECONDS_PER_MINUTE = 60
 MINUTES_PER_DAY = 1440
+# A first timestamp this late (one year) is a clock time, not an offset from the trace start.
+ABSOLUTE_TIME_S = 365 * MINUTES_PER_DAY * SECONDS_PER_MINUTE
+_log = logging.getLogger(__name__)
 
 # Conversation-log activity by hour of day (relative, anchored at the middle of each hour): quiet
 # night 02:00-07:00, morning peak 10-11h, lunch dip 12-13h, afternoon peak 15-16h, evening tail.
@@ -53,6 +57,13 @@ class TraceError(ValueError):
 # ----------------------------------------------------------------------------------------- reader
 def _first_bad_row(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
+
+
+def _shown(value: object) -> str:
+    """A cell as a message shows it: text quoted, numbers plain (`nan`, not numpy's `np.float64(nan)`)."""
+    if isinstance(value, str):
+        return repr(value)
+    return str(value.item() if isinstance(value, np.generic) else value)
 
 
 def _row_label(row: int) -> str:
@@ -82,6 +93,8 @@ def read_burstgpt_csv(
     """Read a published BurstGPT CSV and validate it.
 
     In: the CSV path; optional filters on `Model` and `Log Type` (None keeps all).
+    Rows out of Timestamp order are sorted (one-line warning); Unix-epoch seconds are rebased to the
+    first minute (one-line warning).
     Out: a DataFrame with `BURSTGPT_COLUMNS` (Timestamp float64 seconds from the trace start,
     token counts int64, Model / Log Type categorical) plus `failed` (bool, Response tokens == 0).
     Extra columns (Session ID, Elapsed time) are dropped. Raises TraceError naming the file and
@@ -100,26 +113,34 @@ def read_burstgpt_csv(
     if len(raw) == 0:
         raise TraceError(f"{path}: no data rows")
 
-    out = pd.DataFrame(index=raw.index)
     timestamp = pd.to_numeric(raw["Timestamp"], errors="coerce").to_numpy(dtype=float)
     if np.isnan(timestamp).any():
         row = _first_bad_row(np.isnan(timestamp))
         raise TraceError(
             f"{path}: column 'Timestamp' is missing or non-numeric at {_row_label(row)}: "
-            f"{raw['Timestamp'].iloc[row]!r}"
+            f"{_shown(raw['Timestamp'].iloc[row])}"
         )
     if (timestamp < 0).any():
         row = _first_bad_row(timestamp < 0)
         raise TraceError(
             f"{path}: column 'Timestamp' is negative at {_row_label(row)}: {timestamp[row]}"
         )
+    csv_row = np.arange(len(raw))  # data row of each row, for messages after sorting
     decreasing = np.diff(timestamp) < 0
     if decreasing.any():
+        # The aggregation per minute does not need order, and a merged log is often unsorted.
         row = _first_bad_row(decreasing) + 1
-        raise TraceError(
-            f"{path}: column 'Timestamp' is not sorted ascending at {_row_label(row)}: "
-            f"{timestamp[row]} < {timestamp[row - 1]}"
-        )
+        _log.warning(f"{path}: column 'Timestamp' is not sorted ascending (first at {_row_label(row)}); "
+                     "sorting the rows by it")
+        order = np.argsort(timestamp, kind="stable")
+        raw, timestamp, csv_row = raw.iloc[order].reset_index(drop=True), timestamp[order], csv_row[order]
+    if timestamp[0] >= ABSOLUTE_TIME_S:
+        # Seconds since 1970, not since the trace start: a per-second grid from 0 would take GiBs.
+        start = np.floor(timestamp[0] / SECONDS_PER_MINUTE) * SECONDS_PER_MINUTE
+        _log.warning(f"{path}: column 'Timestamp' holds Unix-epoch seconds (first {timestamp[0]:.0f}); "
+                     f"rebasing to the first minute ({start:.0f} s) so minute 0 is the trace start")
+        timestamp = timestamp - start
+    out = pd.DataFrame(index=raw.index)
     out["Timestamp"] = timestamp
     out["Model"] = raw["Model"].astype("category")
     for column in TOKEN_COLUMNS:
@@ -129,7 +150,7 @@ def read_burstgpt_csv(
             row = _first_bad_row(bad)
             raise TraceError(
                 f"{path}: column {column!r} must hold non-negative integer token counts; "
-                f"{_row_label(row)} has {raw[column].iloc[row]!r}"
+                f"{_row_label(int(csv_row[row]))} has {_shown(raw[column].iloc[row])}"
             )
         out[column] = values.astype(np.int64)
     out["Log Type"] = raw["Log Type"].astype("category")
@@ -194,6 +215,33 @@ def _response_tokens(rng: np.random.Generator, request_tokens: np.ndarray) -> np
     return np.clip(response, 1, 4096).astype(np.int64)
 
 
+CONVERSATION_SHARE = 0.7  # of the arrivals; the rest is the API log
+API_GAP_SHAPE = 0.3  # gamma shape of the API log's gaps (< 1: bursts and long gaps)
+FAILURE_RATE = 0.02  # share of requests that fail (Response tokens = 0)
+MAX_REQUEST_TOKENS = 4096
+REQUEST_ZIPF_A = 1.1
+
+
+def synthetic_expected_load(num_days: int = 61, seed: int = 0, mean_requests_per_minute: float = 16.0) -> pd.DataFrame:
+    """The generator's true intensity: the expected requests, input and output tokens of every minute
+    of `generate_synthetic_trace(num_days, seed, mean_requests_per_minute)` (same rate draws), which
+    no forecaster can know. Columns `CHANNELS`, index `minute` as `per_minute_series`.
+
+    Expected tokens = expected requests x the mean tokens of one request (lengths do not depend on
+    the arrival time); the response mean ignores the rounding and the clip to 1..4096 (< 0.1 %).
+    """
+    rate = _conversation_rate_per_minute(np.random.default_rng(seed), num_days, CONVERSATION_SHARE * mean_requests_per_minute)
+    requests = rate + (1 - CONVERSATION_SHARE) * mean_requests_per_minute  # the API log's renewal rate is flat
+    support = np.arange(1, MAX_REQUEST_TOKENS + 1, dtype=float)
+    weights = support ** -REQUEST_ZIPF_A / np.sum(support ** -REQUEST_ZIPF_A)
+    anchors_x, anchors_y = _RESPONSE_MEAN_ANCHORS
+    response_mean = np.interp(np.log10(support), np.log10(anchors_x), anchors_y)
+    per_request = {"requests": 1.0, "input_tokens": float(weights @ support),
+                   "output_tokens": float(weights @ response_mean) * (1 - FAILURE_RATE)}
+    return pd.DataFrame({ch: requests * per_request[ch] for ch in CHANNELS},
+                        index=pd.RangeIndex(len(requests), name="minute"))
+
+
 def generate_synthetic_trace(
     num_days: int = 61, seed: int = 0, mean_requests_per_minute: float = 16.0
 ) -> pd.DataFrame:
@@ -211,15 +259,14 @@ def generate_synthetic_trace(
         )
     rng = np.random.default_rng(seed)
     duration_s = num_days * MINUTES_PER_DAY * SECONDS_PER_MINUTE
-    conversation_share = 0.7
 
     # Conversation log: inhomogeneous Poisson counts per minute, uniform within the minute.
-    rate = _conversation_rate_per_minute(rng, num_days, conversation_share * mean_requests_per_minute)
+    rate = _conversation_rate_per_minute(rng, num_days, CONVERSATION_SHARE * mean_requests_per_minute)
     counts = rng.poisson(rate)
     conv_times = (np.repeat(np.arange(len(counts)), counts) + rng.random(counts.sum())) * 60.0
     # API log: one bursty renewal stream, flat over the day.
     api_times = _gamma_renewal_times_s(
-        rng, duration_s, (1 - conversation_share) * mean_requests_per_minute, shape=0.3
+        rng, duration_s, (1 - CONVERSATION_SHARE) * mean_requests_per_minute, shape=API_GAP_SHAPE
     )
 
     times = np.concatenate([conv_times, api_times])
@@ -231,9 +278,9 @@ def generate_synthetic_trace(
     # GPT-4 is the minority model, a little more common among chat users than API clients.
     gpt4_prob = np.where(log_code == 0, 0.2, 0.1)
     model_code = (rng.random(n) < gpt4_prob).astype(np.int8)
-    request = _truncated_zipf(rng, a=1.1, max_value=4096, size=n)
+    request = _truncated_zipf(rng, a=REQUEST_ZIPF_A, max_value=MAX_REQUEST_TOKENS, size=n)
     response = _response_tokens(rng, request)
-    failed = rng.random(n) < 0.02
+    failed = rng.random(n) < FAILURE_RATE
     response[failed] = 0
 
     return pd.DataFrame({

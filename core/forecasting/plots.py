@@ -22,17 +22,17 @@ def _maybe_save(fig: Figure, path: str | Path | None) -> Figure:
 
 
 def plot_loss_curves(history: Sequence[EpochRecord], path: str | Path | None = None) -> Figure:
-    """Train and val MSE (scaled) per epoch, the best epoch marked."""
+    """Train and val loss (scaled data: MSE for DLinear, pinball for the calendar MLP) per epoch, the best epoch marked."""
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     epochs = [r.epoch for r in history]
-    ax.plot(epochs, [r.train_loss for r in history], label="train MSE")
-    ax.plot(epochs, [r.val_loss for r in history], label="val MSE")
+    ax.plot(epochs, [r.train_loss for r in history], label="train loss")
+    ax.plot(epochs, [r.val_loss for r in history], label="val loss")
     best = [r for r in history if r.is_best]
     if best:
         ax.axvline(best[-1].epoch, color="grey", linestyle="--", label=f"best epoch {best[-1].epoch}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("MSE (standardised)")
+    ax.set_ylabel("loss (standardised)")
     ax.set_title("DLinear loss curves")
     ax.legend()
     return _maybe_save(fig, path)

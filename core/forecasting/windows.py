@@ -10,6 +10,7 @@ the history (not one step later), and the scaler only ever sees the training par
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -42,14 +43,32 @@ class ChronoSplit:
     test_start: int
     full: np.ndarray
 
+    def row_slices(self) -> dict[str, slice]:
+        """The parts as row slices of `full`, by MLflow dataset context."""
+        return {"training": slice(0, self.val_start), "validation": slice(self.val_start, self.test_start),
+                "test": slice(self.test_start, len(self.full))}
+
+
+def parse_split(text: str) -> tuple[float, float, float | None]:
+    """`"0.6,0.1"` -> (train, val, None): the rest is test; `"0.6,0.1,0.2"` -> test is the 20 % after
+    validation and the last minutes are left out (another tool's 60/10/20/10 split)."""
+    try:
+        fractions = [float(part) for part in str(text).split(",")]
+    except ValueError:
+        raise ForecastDataError(f"split must be 'train,val' or 'train,val,test' fractions, got {text!r}") from None
+    if len(fractions) not in (2, 3):
+        raise ForecastDataError(f"split must be 'train,val' or 'train,val,test' fractions, got {text!r}")
+    return fractions[0], fractions[1], fractions[2] if len(fractions) == 3 else None
+
 
 def chronological_split(
-    series: np.ndarray, train_frac: float = 0.7, val_frac: float = 0.1
+    series: np.ndarray, train_frac: float = 0.7, val_frac: float = 0.1, test_frac: float | None = None
 ) -> ChronoSplit:
     """Split (T, C) minutes into train / val / test by time (no shuffling: the future stays unseen).
 
-    In: the series, the fractions of train and val (test gets the rest).
-    Out: a ChronoSplit whose parts are views of `series`.
+    In: the series, the fractions of train and val; test gets `test_frac` after them (None: the rest;
+    the minutes after the test part are then left out). Out: a ChronoSplit whose parts are views of
+    `series` (`full` ends with the test part).
     """
     series = _as_2d(series)
     if not 0 < train_frac < 1:
@@ -58,14 +77,19 @@ def chronological_split(
         raise ForecastDataError(
             f"val_frac must be in (0, 1 - train_frac = {1 - train_frac:g}), got {val_frac}"
         )
+    if test_frac is not None and not (0 < test_frac and train_frac + val_frac + test_frac <= 1 + 1e-9):
+        raise ForecastDataError(f"test_frac must be in (0, 1 - train_frac - val_frac = {1 - train_frac - val_frac:g}], "
+                                f"got {test_frac}")
     num_minutes = len(series)
     # Rounded, so 0.7 + 0.1 of 1000 minutes is 700 / 800, not 700 / 799 from float error.
     val_start = int(round(num_minutes * train_frac))
     test_start = val_start + int(round(num_minutes * val_frac))
-    if val_start == 0 or test_start == val_start or test_start == num_minutes:
+    end = num_minutes if test_frac is None else min(num_minutes, test_start + int(round(num_minutes * test_frac)))
+    if val_start == 0 or test_start == val_start or test_start == end:
         raise ForecastDataError(
             f"series of {num_minutes} minutes is too short to split {train_frac}/{val_frac}"
         )
+    series = series[:end]
     return ChronoSplit(
         train=series[:val_start], val=series[val_start:test_start], test=series[test_start:],
         val_start=val_start, test_start=test_start, full=series,
@@ -188,6 +212,13 @@ class ForecastDatasets:
             raise ForecastDataError(f"part must be 'train', 'val' or 'test', got {part!r}")
         return getattr(self, f"t0_{part}")
 
+    def digest(self) -> str:
+        """A short hash of the series, the split and the windows: a checkpoint resumes only on the same data."""
+        full = np.ascontiguousarray(self.split.full, dtype=np.float64)
+        key = [full.tobytes(), str((full.shape, self.split.val_start, self.split.test_start, self.seq_len,
+                                    self.horizon, len(self.t0_train), self.channels)).encode()]
+        return hashlib.sha256(b"".join(key)).hexdigest()[:16]
+
     def unscaled(self, part: str) -> tuple[np.ndarray, np.ndarray]:
         """X, Y of `part` ('train' | 'val' | 'test') in original units (float64)."""
         t0 = self.t0(part)
@@ -204,14 +235,15 @@ def build_datasets(
     train_frac: float = 0.7,
     val_frac: float = 0.1,
     channels: Sequence[str] | None = None,
+    test_frac: float | None = None,
 ) -> ForecastDatasets:
     """Split, fit the scaler on the train part only, scale the whole series with it, and window.
 
     In: a (T, C) series in original units; window sizes in minutes; split fractions; optional
     channel names (default ch0..). Out: ForecastDatasets. Train targets lie in train, val targets
-    in val (history may come from train), test targets in test.
+    in val (history may come from train), test targets in test (`test_frac`: see chronological_split).
     """
-    split = chronological_split(series, train_frac, val_frac)
+    split = chronological_split(series, train_frac, val_frac, test_frac)
     num_channels = split.full.shape[1]
     channels = tuple(channels) if channels is not None else tuple(f"ch{i}" for i in range(num_channels))
     if len(channels) != num_channels:
@@ -229,3 +261,17 @@ def build_datasets(
         X_val=X_val, Y_val=Y_val, t0_val=t0_val,
         X_test=X_test, Y_test=Y_test, t0_test=t0_test,
     )
+
+
+def check_history(data: ForecastDatasets, trace: str, model_context: int, baseline_context: int) -> None:
+    """Fail before training when a part is too short for what reads it: the model's training windows
+    need `model_context` minutes of history (seq_len, lag_days) behind them, the baselines scored on the
+    test windows `baseline_context` (a day for seasonal naive, moving_average_window)."""
+    if data.split.val_start - data.horizon < model_context:
+        raise ForecastDataError(
+            f"{trace}: the training part holds {data.split.val_start} minutes, fewer than the {model_context} minutes of "
+            f"history the model reads (seq_len, lag_days) plus the horizon: use a longer trace (num_days) or a larger split")
+    if data.split.test_start < baseline_context:
+        raise ForecastDataError(
+            f"{trace}: the test part starts at minute {data.split.test_start}, but the baselines need {baseline_context} "
+            f"minutes of history before it (a day for seasonal naive, moving_average_window): use a longer trace (num_days)")

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from core.data_digest import frame_digest
 from core.knobs import TIERS
 from core.latency.data import TARGETS, EstimatorError, aggregate_runs, prepare_table, target_arrays
 from core.latency.features import (
@@ -112,8 +113,9 @@ class EstimatorConfig:
         for name in ("hidden_width", "depth", "batch_size", "num_epochs"):
             if int(getattr(self, name)) < 1:
                 raise EstimatorError(f"parameter {name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise EstimatorError(f"parameter lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise EstimatorError(f"parameter lr must be a finite number > 0, got {self.lr}")
+        check_device(self.device)
         if self.weight_decay < 0:
             raise EstimatorError(f"parameter weight_decay must be >= 0, got {self.weight_decay}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -135,6 +137,49 @@ class EstimatorConfig:
         if unknown:
             raise EstimatorError(f"{source}: unknown estimator parameter(s) {unknown}")
         return cls(**values)
+
+
+class TrainingDiverged(EstimatorError):
+    """The loss became NaN or infinite: training stops (nothing is registered)."""
+
+
+def check_device(device: str) -> None:
+    """EstimatorError naming the parameter unless `device` is a torch device this machine has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EstimatorError(f"device={device!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(parsed.type, False):
+        raise EstimatorError(f"device={device!r} is not available on this machine"
+                             + ("" if parsed.type in available else " (cpu, cuda, cuda:N, mps)"))
+
+
+def split_digest(train_df: pd.DataFrame, val_df: pd.DataFrame) -> str:
+    """The data a training run sees: a resume must see the same."""
+    return frame_digest(train_df) + frame_digest(val_df)
+
+
+def resume_state(checkpoint_dir: Path, config: "EstimatorConfig", data_digest: str, device: str = "cpu") -> dict | None:
+    """The training state in `checkpoint_dir`/RESUME_STATE (None when there is none), checked: written with
+    the same parameters (the epoch count, device and threads may differ: a resume may extend a run) and
+    on the same train/val rows. EstimatorError naming the file otherwise, before anything is overwritten."""
+    path = Path(checkpoint_dir) / RESUME_STATE
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location=device, weights_only=True)
+    free = ("num_epochs", "device", "num_threads")
+    was = {k: v for k, v in saved.get("config", {}).items() if k not in free}
+    now = {k: v for k, v in asdict(config).items() if k not in free}
+    if was != now:
+        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        raise EstimatorError(f"checkpoint {path} was written with other parameter(s) {changed}; cannot resume")
+    if saved.get("data_digest") != data_digest:
+        raise EstimatorError(f"checkpoint {path} was trained on other data (digest {saved.get('data_digest')}, "
+                             f"this table's split: {data_digest}); cannot resume: same results_dir, dataset_names, "
+                             "train_split and seed needed")
+    return saved
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -457,19 +502,20 @@ def train_estimator(
     epoch_time_s, is_best (0/1).
     """
     config.validate()
+    data_digest = split_digest(train_df, val_df)
     train_df = prepare_table(train_df, "train_df")
     val_df = prepare_table(val_df, "val_df")
     threads_before = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     try:
-        return _train(train_df, val_df, config, on_epoch, checkpoint_dir, resume)
+        return _train(train_df, val_df, config, on_epoch, checkpoint_dir, resume, data_digest)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _train(train_df: pd.DataFrame, val_df: pd.DataFrame, config: EstimatorConfig, on_epoch: Callable[[dict], None] | None,
-           checkpoint_dir: Path | None, resume: bool) -> tuple[LatencyEstimator, list[dict]]:
+           checkpoint_dir: Path | None, resume: bool, data_digest: str) -> tuple[LatencyEstimator, list[dict]]:
     torch.manual_seed(config.seed)
     shuffle_rng = torch.Generator().manual_seed(config.seed)
     device = torch.device(config.device)
@@ -495,15 +541,8 @@ def _train(train_df: pd.DataFrame, val_df: pd.DataFrame, config: EstimatorConfig
     best_epoch, best_val_loss, start_epoch = 0, math.inf, 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     last_path = checkpoint_dir / RESUME_STATE if checkpoint_dir is not None else None
-    if resume and last_path is not None and last_path.exists():
-        saved = torch.load(last_path, map_location=device, weights_only=True)
-        # Everything but the epoch count, device and threads must match: resuming may extend a run.
-        free = ("num_epochs", "device", "num_threads")
-        was = {k: v for k, v in saved.get("config", {}).items() if k not in free}
-        now = {k: v for k, v in asdict(config).items() if k not in free}
-        if was != now:
-            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-            raise EstimatorError(f"checkpoint {last_path} was written with other parameter(s) {changed}; cannot resume")
+    saved = resume_state(checkpoint_dir, config, data_digest, str(device)) if resume and checkpoint_dir is not None else None
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         shuffle_rng.set_state(saved["shuffle_rng"])
@@ -531,6 +570,9 @@ def _train(train_df: pd.DataFrame, val_df: pd.DataFrame, config: EstimatorConfig
             loss_sum += loss.detach() * (min(start + config.batch_size, n_train) - start)  # no per-step sync
         model.eval()
         val_loss, val_coverage = _loss_and_coverage(model, config, val_rows)
+        if not (math.isfinite(float(loss_sum)) and math.isfinite(val_loss)):  # before a checkpoint keeps the weights
+            raise TrainingDiverged(f"training diverged at epoch {epoch}: train_loss={float(loss_sum) / n_train}, "
+                                   f"val_loss={val_loss} (lr={config.lr}, loss={config.loss}): try a lower lr")
         is_best = val_loss < best_val_loss
         if is_best:
             best_state = copy.deepcopy(model.state_dict())  # a copy, not a live view of the weights
@@ -559,7 +601,7 @@ def _train(train_df: pd.DataFrame, val_df: pd.DataFrame, config: EstimatorConfig
             _atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "shuffle_rng": shuffle_rng.get_state(),
                 "history": history, "best_state": best_state, "best_epoch": best_epoch, "best_val_loss": best_val_loss,
-                "epoch": epoch, "config": asdict(config),
+                "epoch": epoch, "config": asdict(config), "data_digest": data_digest,
             }, last_path)
         if on_epoch is not None:
             on_epoch(record)
@@ -587,6 +629,7 @@ def model_checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "EstimatorConfig", "LatencyEstimator", "LOSSES", "LR_SCHEDULES", "RESUME_STATE",
-    "TRAINING_RECORD_KEYS", "VALIDATION_RECORD_KEYS", "best_epoch_metrics", "epoch_lr", "model_checkpoints", "train_estimator",
+    "CHECKPOINT_FORMAT", "EstimatorConfig", "LatencyEstimator", "LOSSES", "LR_SCHEDULES", "RESUME_STATE", "TrainingDiverged",
+    "TRAINING_RECORD_KEYS", "VALIDATION_RECORD_KEYS", "best_epoch_metrics", "check_device", "epoch_lr", "model_checkpoints",
+    "resume_state", "split_digest", "train_estimator",
 ]

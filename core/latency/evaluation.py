@@ -16,7 +16,7 @@ import pandas as pd
 from core.latency.baselines import BASELINES
 from core.latency.data import EstimatorSplit, aggregate_runs, prepare_table
 from core.latency.features import QUANTILE_SUFFIX
-from core.latency.metrics import evaluate_components, feature_floor, mean_over_components, per_config_table, quantile_coverage
+from core.latency.metrics import evaluate_components, feature_twin_mape, mean_over_components, per_config_table, quantile_coverage
 
 
 class Predictor(Protocol):
@@ -71,10 +71,10 @@ def evaluate_predictor(predictor: Predictor, df: pd.DataFrame, prefix: str = "te
 
 
 def evaluate(predictor: Predictor, rows: pd.DataFrame, prefix: str) -> Evaluation:
-    """`evaluate_predictor` plus `<prefix>floor_mape_<component>`: what the best predictor that sees
-    only the request's features could score on these rows (the noise floor under the MAPE)."""
+    """`evaluate_predictor` plus `<prefix>feature_twin_mape_<component>` (each row predicted from the other
+    rows with its features: a reference, not a floor; see core.latency.metrics.feature_twin_mape)."""
     evaluation = _evaluation(predictor, rows, prefix)
-    evaluation.metrics.update({f"{prefix}{k}": v for k, v in feature_floor(evaluation.truth).items()})
+    evaluation.metrics.update({f"{prefix}{k}": v for k, v in feature_twin_mape(evaluation.truth).items()})
     return evaluation
 
 

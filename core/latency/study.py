@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 from core.latency.data import EstimatorSplit, TrainingData
-from core.latency.estimator import EstimatorConfig, LatencyEstimator, best_epoch_metrics, train_estimator
+from core.latency.estimator import (
+    RESUME_STATE, EstimatorConfig, LatencyEstimator, best_epoch_metrics, resume_state, split_digest, train_estimator,
+)
 from core.latency.evaluation import Evaluation, score_split
 from core.latency.metrics import run_to_run_noise
 
@@ -60,3 +62,16 @@ def run_study(data: TrainingData, config: EstimatorConfig, checkpoint_dir: Path,
         heldout = fit_split(data.heldout, "heldout_config_", config, Path(checkpoint_dir) / HELDOUT_SUBDIR, resume)
         metrics.update(heldout.scores.metrics)
     return StudyOutcome(by_sample, heldout, metrics)
+
+
+def check_resume(data: TrainingData, config: EstimatorConfig, checkpoint_dir: str | Path) -> None:
+    """Before a resumed study starts (nothing to check for checkpoint_dir ''): `checkpoint_dir` holds a training
+    state for these parameters and these splits' rows (its held-out-config model's too); FileNotFoundError /
+    EstimatorError naming the file otherwise."""
+    if not checkpoint_dir:
+        return
+    if not (Path(checkpoint_dir) / RESUME_STATE).is_file():
+        raise FileNotFoundError(f"resume_dir {checkpoint_dir} holds no {RESUME_STATE} to resume from")
+    for split, where in ((data.split, ""), (data.heldout, HELDOUT_SUBDIR)):
+        if split is not None:
+            resume_state(Path(checkpoint_dir) / where, config, split_digest(split.train, split.val))

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from core.knobs import KnobConfig
 from core.profiling.schema import ProfileRow, decode_per_token_ms
-from core.profiling.store import ProfileStore
+from core.profiling.store import ProfileStore, atomic_write_text
 from core.vlm.backend import GenerationResult, VLMBackend
 from core.vqa.sample import VQASample
 from core.vqa.suite import DATASETS
@@ -228,7 +228,7 @@ def _calibrate(
         protocol = replace(protocol, reference_sample_id=sample.sample_id, reference_config=knobs.key,
                            reference_T_total_ms=statistics.median(totals), calibration_answers=len(totals))
     Path(store.results_dir).mkdir(parents=True, exist_ok=True)
-    _protocol_path(store).write_text(json.dumps(asdict(protocol), indent=1))
+    atomic_write_text(json.dumps(asdict(protocol), indent=1), _protocol_path(store))  # concurrent sweeps read it
     return protocol
 
 

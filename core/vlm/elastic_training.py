@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -253,7 +254,7 @@ def train_base_vlm(
     history: list[dict] = []
     done_epoch = -1  # -1: nothing yet, 0: stage 1 done
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / STATE_FILE).is_file():
-        state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location=device, weights_only=False)
+        state = load_training_state(Path(checkpoint_dir) / STATE_FILE, device)
         if state["config"] != config.to_dict():
             raise ValueError(f"checkpoint in {checkpoint_dir} was written by a different training config")
         model.load_state_dict(BaseVLM.load_pretrained(Path(checkpoint_dir) / MODEL_SUBDIR, device).state_dict())
@@ -401,7 +402,17 @@ def recorded_history(checkpoint_dir: Path | str) -> list[dict]:
     path = Path(checkpoint_dir) / STATE_FILE
     if not path.is_file():
         return []
-    return list(torch.load(path, map_location="cpu", weights_only=False)["history"])
+    return list(load_training_state(path)["history"])
+
+
+def load_training_state(path: Path, device: torch.device | str = "cpu") -> dict:
+    """training_state.pt, unpickled with weights_only=True: tensors, numbers, strings and containers only
+    (the optimizer's state dict is all of those), so a crafted file cannot run code; ValueError naming it otherwise."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(f"{path} holds more than tensors and plain values; refused ({reason})") from None
 
 
 def save_checkpoint(
