@@ -193,3 +193,17 @@ def test_study_trials_are_nested_runs_and_pruned_ones_are_tagged(tracking_store,
     # A second worker joining the same study (load_if_exists) adds to it instead of starting over.
     again = make_study("quad", f"sqlite:///{tmp_path / 'optuna.db'}", "minimize", sampler="random", pruner="median")
     assert len(again.trials) == 8
+
+
+def test_the_data_digest_covers_the_split_not_only_the_rows(tracking_store):
+    """Held-out figures of two splits of one table do not compare: promote groups versions by this tag."""
+    from tracking.artifacts import log_split_inputs
+
+    frame = pd.DataFrame({"x": range(100)})
+    digests = []
+    for test_start in (80, 90, 90):
+        with entry_point_run("train_predictor", {}, study="workload-forecasting"):
+            log_split_inputs(frame, {"training": slice(0, 70), "validation": slice(70, test_start),
+                                     "test": slice(test_start, None)}, "toy", "generated", kind="chronological")
+            digests.append(mlflow.get_run(mlflow.active_run().info.run_id).data.tags["data_digest"])
+    assert digests[0] != digests[1] and digests[1] == digests[2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -71,10 +72,14 @@ def log_dataset_input(
 def log_split_inputs(
     frame: pd.DataFrame, parts: dict[str, slice], name_prefix: str, source: str | dict[str, str], kind: str
 ) -> None:
-    """The split a run was trained and scored on: `frame`'s digest as the run's `data_digest` tag,
-    each part (context -> row slice of `frame`) as a dataset input `<name_prefix>-<context>` with its
-    row count as a `split_<context>_rows` param, and `kind` (how it was split) as the `split_kind` param."""
-    mlflow.set_tag("data_digest", frame_digest(frame))
+    """The split a run was trained and scored on: the digest of `frame` and of the part boundaries as the
+    run's `data_digest` tag (held-out figures compare only on the same rows and the same test part: promote
+    compares versions by it), each part (context -> row slice of `frame`) as a dataset input
+    `<name_prefix>-<context>` with its row count as a `split_<context>_rows` param, and `kind` (how it was
+    split) as the `split_kind` param."""
+    bounds = {context: range(len(frame))[rows] for context, rows in parts.items()}
+    layout = ";".join(f"{c}={r.start}:{r.stop}" for c, r in sorted(bounds.items()))
+    mlflow.set_tag("data_digest", hashlib.sha256(f"{frame_digest(frame)}|{layout}".encode()).hexdigest()[:16])
     mlflow.log_param("split_kind", kind)
     for context, rows in parts.items():
         log_dataset_input(frame.iloc[rows], name=f"{name_prefix}-{context}", context=context, source=source)
