@@ -11,7 +11,8 @@ import mlflow
 import torch
 
 from core.vlm import plots
-from core.vlm.evaluation import accuracy_by_config, evaluation_metrics, grid_table, latency_by_config, one_knob_configs
+from core.vlm.evaluation import (accuracy_by_config, evaluation_metrics, grid_table, knob_accuracy_curves, knob_costs,
+                                 latency_by_config, one_knob_configs)
 from core.vlm.backend import VLMBackend
 from core.vlm.registry import load_backend
 from core.vqa.sample import samples_frame
@@ -25,7 +26,7 @@ from tracking.store import ADAPTIVE_VLM_STUDY
 
 @dataclass
 class Params:
-    """Score the base VLM on the test split and time it on the CPU."""
+    """Score the base VLM on the test split (named configs, and each knob alone at every tier) and time it on the CPU."""
 
     base_model: str = "models:/base-vlm@champion"  # registry URI or checkpoint directory
     dataset_names: str = ",".join(DATASETS)  # comma-separated data sets of the suite
@@ -74,6 +75,13 @@ def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict
     log_csv(latency, "evaluation/cpu_latency_by_knob.csv")
     metrics = evaluation_metrics(accuracy, latency, device="cpu")
 
+    # One knob at a time from the full config, at every tier, on the same test samples.
+    curves = knob_accuracy_curves(backend, test)
+    log_csv(curves, "evaluation/knob_curves.csv")
+    log_figure(plots.plot_knob_curves(curves), "plots/knob_curves.png")
+    metrics.update({f"test_vqa_score_{name}": float(v) for name, v in zip(curves["name"], curves["vqa_score"])})
+    metrics.update({f"test_{name}": v for name, v in knob_costs(curves).items()})
+
     grid_subset = load_mixed_split(prepared.datasets, "test", params.grid_samples, params.seed + 2)
     table = grid_table(backend, grid_subset, backend.space, repeats=params.grid_repeats)
     log_csv(table, "evaluation/grid_accuracy_latency.csv")
@@ -85,7 +93,8 @@ def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict
 
 def summary(params: Params, metrics: Mapping[str, Any]) -> str:
     return (f"test VQA full {metrics['test_vqa_score_full']:.3f}, min {metrics['test_vqa_score_min']:.3f}; "
-            f"CPU latency full {metrics['cpu_latency_ms_full']:.1f} ms, min {metrics['cpu_latency_ms_min']:.1f} ms")
+            f"top_k costs {metrics['test_knob_cost_top_k_high']:.3f}, blocks {metrics['test_knob_cost_blocks_high']:.3f} "
+            f"at the high tier; CPU latency full {metrics['cpu_latency_ms_full']:.1f} ms, min {metrics['cpu_latency_ms_min']:.1f} ms")
 
 
 ENTRY_POINT = EntryPoint("evaluate_base_model", Params, study=ADAPTIVE_VLM_STUDY, execute=execute, summary=summary,

@@ -98,6 +98,8 @@ def execute(params: Params, prepared: Prepared, epoch_hook: EpochHook | None = N
     log_csv(median_cv.rename("median_cv").rename_axis("component").reset_index(), "summaries/run_to_run_cv.csv")
     log_csv(summaries.knob_step_effects(table), "summaries/knob_step_effects.csv")
     log_csv(summaries.config_summary(table), "summaries/config_summary.csv")
+    full = prepared.backend.space.full()
+    log_csv(summaries.static_lookup_choices(table, (full.tier, full.top_k, full.num_active_blocks)), "summaries/lookup_choices.csv")
     log_figures(plots.profile_figures(table))
     metrics = summaries.sweep_metrics(sweep, table, median_cv)
     mlflow.log_metrics(metrics)

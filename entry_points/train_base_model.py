@@ -18,7 +18,7 @@ from core.vlm.elastic_training import (TRAINING_KEYS, VALIDATION_KEYS, ElasticTr
 from core.vqa.sample import samples_frame
 from core.vqa.suite import DATASETS, load_mixed_split, load_split
 from tracking.artifacts import log_dataset_input, log_json
-from tracking.cli import ParameterError, config_from_params
+from tracking.cli import ParameterError, config_from_params, number_list
 from tracking.entry_point import EntryPoint, EpochHook
 from tracking.epoch_logging import EpochLogger, epoch_callback
 from tracking.pyfunc_models import log_base_vlm
@@ -42,8 +42,9 @@ class Params:
     lr: float = _D.lr  # peak learning rate (warm-up, then cosine decay)
     train_samples_per_dataset: int = _D.train_samples_per_dataset
     val_samples_per_dataset: int = _D.val_samples_per_dataset
-    p_full: float = _D.p_full  # share of batches at the full config
-    p_min: float = _D.p_min  # share of batches at the minimal config
+    tier_weights: str = ",".join(map(str, _D.tier_weights))  # per-batch sampling weights of the tiers low,medium,high
+    top_k_weights: str = ",".join(map(str, _D.top_k_weights))  # of the top_k options, ascending (last = full config)
+    block_weights: str = ",".join(map(str, _D.block_weights))  # of the active-block options, ascending (last = all)
     reader_word_steps: int = _D.reader_word_steps  # stage 1a: region reader on the sign words alone
     reader_steps: int = _D.reader_steps  # stage 1b: region reader on every data set
     reader_weight: float = _D.reader_weight  # stage 2: reader loss beside the answer loss
@@ -58,7 +59,8 @@ class Params:
 
 
 def prepare(params: Params) -> ElasticTrainConfig:
-    config = config_from_params(ElasticTrainConfig, params)
+    config = config_from_params(ElasticTrainConfig, params, **{name: number_list(getattr(params, name), name, n) for name, n
+                                                               in (("tier_weights", 3), ("top_k_weights", 5), ("block_weights", 5))})
     config.validate()
     if params.from_checkpoint and not (Path(params.from_checkpoint) / "base_vlm_config.json").is_file():
         raise FileNotFoundError(f"from_checkpoint={params.from_checkpoint}: no base_vlm_config.json (not a base-VLM checkpoint)")

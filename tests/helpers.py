@@ -34,7 +34,7 @@ def make_row(sample_id: str = "probe:test:0", backend: str = "molmoe_arch", **ov
 # A base VLM small enough to build, train and run in seconds on a CPU (random weights unless trained).
 TINY_BASE_VLM = BaseVLMConfig(
     crop_px=16, patch_px=8, vision_dim=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,
-    d_model=32, num_blocks=6, num_heads=2, num_experts=8, expert_dim=32, default_top_k=4,
+    d_model=32, num_blocks=6, num_heads=2, num_experts=8, expert_dim=32, default_top_k=6,
 )
 
 

@@ -276,3 +276,25 @@ def test_a_table_never_mixes_timing_protocols(tmp_path):
         run_sweep(backend, samples_by_dataset(), ProfileSweepConfig(**more_runs, timing_repeats=2), plain, None, progress=False)
     with pytest.raises(ValueError, match="timing_repeats \\(0\\)"):
         ProfileSweepConfig(**DRIFT_SWEEP, timing_repeats=0)
+
+
+def test_static_lookup_picks_the_most_accurate_config_whose_quantile_fits():
+    from core.profiling.summaries import static_lookup_choices
+
+    # full config 10 ms; a cheap accurate config for "a" (6 ms, 0.9), a cheaper worse one (4 ms, 0.5);
+    # data set "b" pays more at the cheap config (8 ms) and so cannot take it at f = 0.7.
+    configs = {("high", 6, 8): (10.0, 1.0), ("high", 2, 8): (6.0, 0.9), ("low", 1, 4): (4.0, 0.5)}
+    rows = []
+    for dataset, slow in (("a", 0.0), ("b", 2.0)):
+        for (tier, k, b), (ms, acc) in configs.items():
+            for run in range(20):
+                extra = slow if (tier, k) == ("high", 2) else 0.0
+                rows.append({"dataset": dataset, "tier": tier, "top_k": k, "num_active_blocks": b,
+                             "T_total_ms": ms + extra + 0.01 * run, "accuracy": acc})
+    choices = static_lookup_choices(pd.DataFrame(rows), ("high", 6, 8), fractions=(0.3, 0.7, 1.1)).set_index(["dataset", "fraction"])
+    assert choices.loc[("a", 0.7), "top_k"] == 2 and choices.loc[("a", 0.7), "accuracy"] == 0.9
+    assert choices.loc[("b", 0.7), "top_k"] == 1  # its 8.2 ms P95 does not fit 7.07 ms
+    assert choices.loc[("a", 1.1), "top_k"] == 6
+    assert pd.isna(choices.loc[("a", 0.3), "top_k"])  # nothing fits 3 ms
+    with pytest.raises(ValueError, match="full config"):
+        static_lookup_choices(pd.DataFrame(rows), ("medium", 6, 8))

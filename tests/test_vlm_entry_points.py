@@ -57,7 +57,9 @@ def test_register_evaluate_importance_profile_chain(tracking_store, subprocess_e
                                      "--grid_repeats", "1"]) == 0
     metrics = _finished("evaluate_base_model").data.metrics
     for key in ("test_vqa_score_full", "test_vqa_score_min", "cpu_latency_ms_full", "cpu_latency_ms_min",
-                "test_vqa_score_synth_attrvqa_low", "test_vqa_score_synth_attrvqa_high", "cpu_latency_ms_blocks_4"):
+                "test_vqa_score_synth_attrvqa_low", "test_vqa_score_synth_attrvqa_high", "cpu_latency_ms_blocks_4",
+                "test_vqa_score_top_k_1", "test_vqa_score_blocks_4", "test_vqa_score_medium_top_k_1",
+                "test_knob_cost_top_k_high", "test_knob_min_step_blocks_medium"):
         assert key in metrics, key
 
     assert importance.main(["--train_samples", "1", "--val_samples", "1",

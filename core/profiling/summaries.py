@@ -7,6 +7,8 @@
   run_to_run_cv             coefficient of variation over run_index per (sample, config)
   median_run_to_run_cv      its median per component (`median_cv_T_total_ms` is the T_total one)
   sweep_metrics             the run-level figures of one sweep over its table
+  static_lookup_choices     per data set, the most accurate static config whose latency quantile fits
+                            a budget of f x the full config's median T_total
 """
 
 from __future__ import annotations
@@ -103,3 +105,32 @@ def sweep_metrics(sweep: SweepSummary, table: pd.DataFrame, median_cv: pd.Series
         "median_cv_T_total_ms": float(median_cv.get("T_total_ms", np.nan)),
         "median_T_total_ms": float(table["T_total_ms"].median()),
     }
+
+
+def static_lookup_choices(
+    df: pd.DataFrame, full: Sequence[object], fractions: Sequence[float] = (0.6, 0.7, 0.8, 0.9), quantile: float = 0.95
+) -> pd.DataFrame:
+    """The lookup-table yardstick read off a profiling table, per data set and budget fraction f.
+
+    B = f x L_full, L_full the median T_total_ms of the `full` config (tier, top_k, blocks) over the
+    whole table; the choice is the config of highest mean accuracy (fewer ms breaks a tie) among those
+    whose `quantile` of T_total_ms over the data set's rows is within B. Rows: dataset, fraction,
+    budget_ms, the three knobs (NaN where nothing fits), accuracy, T_total_q_ms.
+    """
+    is_full = np.logical_and.reduce([df[k] == v for k, v in zip(KNOBS, full)])
+    if not is_full.any():
+        raise ValueError(f"the table has no rows of the full config {tuple(full)}")
+    l_full = float(df.loc[is_full, "T_total_ms"].median())
+    per_config = (df.groupby(["dataset", *KNOBS])
+                  .agg(accuracy=("accuracy", "mean"), T_total_q_ms=("T_total_ms", lambda t: t.quantile(quantile)))
+                  .reset_index())
+    rows = []
+    for dataset, part in per_config.groupby("dataset", sort=True):
+        for f in fractions:
+            fits = part[part["T_total_q_ms"] <= f * l_full].sort_values(["accuracy", "T_total_q_ms"], ascending=[False, True])
+            best = fits.iloc[0] if len(fits) else None
+            rows.append({"dataset": dataset, "fraction": f, "budget_ms": f * l_full,
+                         **{k: (best[k] if best is not None else np.nan) for k in KNOBS},
+                         "accuracy": best["accuracy"] if best is not None else np.nan,
+                         "T_total_q_ms": best["T_total_q_ms"] if best is not None else np.nan})
+    return pd.DataFrame(rows).astype({"top_k": "Int64", "num_active_blocks": "Int64"})

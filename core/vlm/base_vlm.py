@@ -62,7 +62,7 @@ class BaseVLMConfig:
     num_heads: int = 4
     num_experts: int = 8
     expert_dim: int = 96
-    default_top_k: int = 4
+    default_top_k: int = 6  # the full config's experts per token (MoE routing keeps the top-k gate weights as they are)
     vocab_size: int = 128
     max_positions: int = 512
     experts_implementation: str = "eager"
@@ -579,6 +579,12 @@ class BaseVLMBackend:
                 torch.tensor([targets], device=self.device),
             )
         return -float(parts.answer_ce)
+
+    def answer_batch(self, samples: Sequence[VQASample], config: KnobConfig) -> list[str]:
+        """Greedy answers of many samples under `config`, batched (`BaseVLM.generate_batch`: no padding,
+        so the same words `answer` gives, to float rounding); untimed, for accuracy tables."""
+        with torch.inference_mode(), apply_knobs(self.model, config, self.space, self.drop_order):
+            return self.model.generate_batch(samples)
 
     def answer(
         self,

@@ -62,6 +62,61 @@ def score_split(backend: VLMBackend, samples: Sequence[VQASample], config: KnobC
     }
 
 
+def answers_under(backend: VLMBackend, samples: Sequence[VQASample], config: KnobConfig) -> list[str]:
+    """Greedy answers under `config`: batched where the backend can (`answer_batch`), else one by one."""
+    batched = getattr(backend, "answer_batch", None)
+    if batched is not None:
+        return list(batched(samples, config))
+    return [backend.answer(s, config).text for s in samples]
+
+
+def knob_curve_configs(space: KnobSpace) -> dict[str, KnobConfig]:
+    """Every option of one knob (top_k or blocks) with the other at its full value, at each tier.
+
+    Named top_k_<k> / blocks_<n> at the highest tier (the metric names `evaluate_base_model` logs as
+    test_vqa_score_<name>) and <tier>_top_k_<k> / <tier>_blocks_<n> at the tiers below.
+    """
+    full = space.full()
+    configs: dict[str, KnobConfig] = {}
+    for tier in TIERS:
+        prefix = "" if tier == full.tier else f"{tier}_"
+        at_tier = replace(full, tier=tier)
+        configs.update({f"{prefix}top_k_{k}": replace(at_tier, top_k=k) for k in space.top_k_options})
+        configs.update({f"{prefix}blocks_{b}": replace(at_tier, num_active_blocks=b) for b in space.block_options})
+    return configs
+
+
+def knob_accuracy_curves(backend: VLMBackend, samples: Sequence[VQASample], progress: bool = True) -> pd.DataFrame:
+    """Accuracy of every `knob_curve_configs` config on `samples`: one row per config with name, knob
+    ("top_k" or "blocks"), the three knob values, vqa_score (mean over data sets, as reported) and
+    vqa_score_<dataset>. Configs shared by both curves are answered once."""
+    answered: dict[KnobConfig, dict[str, float]] = {}
+    rows = []
+    for name, config in tqdm(knob_curve_configs(backend.space).items(), desc="knob curves", disable=not progress):
+        if config not in answered:
+            by_ds: dict[str, list[float]] = {}
+            for s, text in zip(samples, answers_under(backend, samples, config)):
+                by_ds.setdefault(s.dataset, []).append(vqa_score(text, s.answers))
+            scores = {f"vqa_score_{ds}": statistics.fmean(v) for ds, v in by_ds.items()}
+            answered[config] = {"vqa_score": statistics.fmean(scores.values()), **scores}
+        knob = "top_k" if "top_k_" in name else "blocks"
+        rows.append({"name": name, "knob": knob, **config.as_dict(), **answered[config]})
+    return pd.DataFrame(rows)
+
+
+def knob_costs(curves: pd.DataFrame) -> dict[str, float]:
+    """What each knob costs at each tier, from `knob_accuracy_curves`' table (mean VQA score):
+    knob_cost_<knob>_<tier> = accuracy at the knob's largest option - at its smallest, and
+    knob_min_step_<knob>_<tier> = the smallest drop of one step down (negative where a step gains)."""
+    out: dict[str, float] = {}
+    for (knob, tier), part in curves.groupby(["knob", "tier"], sort=False):
+        column = "top_k" if knob == "top_k" else "num_active_blocks"
+        scores = part.sort_values(column)["vqa_score"].to_numpy()
+        out[f"knob_cost_{knob}_{tier}"] = float(scores[-1] - scores[0])
+        out[f"knob_min_step_{knob}_{tier}"] = float(min(scores[1:] - scores[:-1]))
+    return out
+
+
 def latency_medians(
     backend: VLMBackend,
     samples: Sequence[VQASample],

@@ -35,6 +35,31 @@ def plot_grid_accuracy_latency(table: pd.DataFrame) -> Figure:
     return fig
 
 
+def plot_knob_curves(curves: pd.DataFrame) -> Figure:
+    """Accuracy over the three knobs from `core.vlm.evaluation.knob_accuracy_curves`' table: the tier
+    at the full top_k and blocks, then top_k and active blocks one at a time, one line per tier."""
+    fig = Figure(figsize=(11, 3.6))
+    ax_tier, ax_k, ax_b = fig.subplots(1, 3, sharey=True)
+    full_k = curves.loc[curves["knob"] == "top_k", "top_k"].max()
+    at_full = curves[(curves["knob"] == "top_k") & (curves["top_k"] == full_k)].set_index("tier").reindex(list(TIERS))
+    ax_tier.plot(list(TIERS), at_full["vqa_score"], marker="o", color="k")
+    ax_tier.set_xlabel("tier (full top_k and blocks)")
+    ax_tier.set_ylabel("VQA score (test, mean over data sets)")
+    for ax, knob, column, label in ((ax_k, "top_k", "top_k", "experts per token (top_k)"),
+                                    (ax_b, "blocks", "num_active_blocks", "active decoder blocks")):
+        for tier, marker in zip(TIERS, "o^s"):
+            part = curves[(curves["knob"] == knob) & (curves["tier"] == tier)].sort_values(column)
+            ax.plot(part[column], part["vqa_score"], marker=marker, label=f"tier {tier}")
+        ax.set_xlabel(label)
+        ax.set_xticks(sorted(curves.loc[curves["knob"] == knob, column].unique()))
+    for ax in (ax_tier, ax_k, ax_b):
+        ax.grid(alpha=0.3)
+    ax_b.legend()
+    fig.suptitle("base VLM: accuracy as each knob is turned down from the full config")
+    fig.tight_layout()
+    return fig
+
+
 def plot_importance_by_block(
     train: Mapping[str, Mapping[int, float]], val: Mapping[str, Mapping[int, float]], score: str
 ) -> Figure:

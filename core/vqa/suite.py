@@ -8,7 +8,7 @@ answers are exact:
                   and the larger ones only partly (a model trained on 10-12 px fonts still read 70%
                   of them at the low tier); the medium tier's half resolution reads most, the high
                   tier reads all at full resolution. Multi-token answers ("key cup").
-  synth_countvqa  how many objects of a shape or a colour; small objects, single-token answers.
+  synth_countvqa  how many objects (1-6) of a shape or a colour; small objects, single-token answers.
   synth_attrvqa   colour / shape / left-right position of one large object; the low tier suffices.
 
 Every image is 128 x 64 px (2:1), so the tiling grid of each tier is the same for all samples
@@ -66,7 +66,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SHAPE_PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-MAX_COUNT = 4
+# Counts up to 6: counting is the one task whose answer the decoder computes (its MoE) rather than
+# copies from a vision token (with every MoE output zeroed, a model trained on counts up to 4 still read
+# every sign but counted 0.53 instead of 0.97), so a wider range makes the experts' capacity count.
+MAX_COUNT = 6
 
 TEXT_QUESTIONS: tuple[str, ...] = (
     "what does the sign say ?",
