@@ -295,6 +295,7 @@ def test_static_lookup_picks_the_most_accurate_config_whose_quantile_fits():
     assert choices.loc[("a", 0.7), "top_k"] == 2 and choices.loc[("a", 0.7), "accuracy"] == 0.9
     assert choices.loc[("b", 0.7), "top_k"] == 1  # its 8.2 ms P95 does not fit 7.07 ms
     assert choices.loc[("a", 1.1), "top_k"] == 6
-    assert pd.isna(choices.loc[("a", 0.3), "top_k"])  # nothing fits 3 ms
+    assert choices.loc[("a", 0.3), "top_k"] == 1 and not choices.loc[("a", 0.3), "fits"]  # nothing fits 3 ms: the fastest
+    assert choices.loc[("a", 0.7), "fits"]
     with pytest.raises(ValueError, match="full config"):
         static_lookup_choices(pd.DataFrame(rows), ("medium", 6, 8))

@@ -18,7 +18,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from core.knobs import KNOBS, TIERS
+from core.control.budgets import full_latency_ms
+from core.control.yardsticks import lookup_table
+from core.knobs import KNOBS, TIERS, KnobConfig
 from core.profiling.profiler import SweepSummary
 from core.profiling.schema import LATENCY_COLUMNS
 from core.timing import STAGE_COLUMNS
@@ -114,23 +116,9 @@ def static_lookup_choices(
 
     B = f x L_full, L_full the median T_total_ms of the `full` config (tier, top_k, blocks) over the
     whole table; the choice is the config of highest mean accuracy (fewer ms breaks a tie) among those
-    whose `quantile` of T_total_ms over the data set's rows is within B. Rows: dataset, fraction,
-    budget_ms, the three knobs (NaN where nothing fits), accuracy, T_total_q_ms.
+    whose `quantile` of T_total_ms over the data set's rows is within B; where nothing fits, the config
+    of lowest quantile latency with fits=False (`core.control.yardsticks.lookup_table`, by data set).
+    Rows: dataset, fraction, budget_ms, the three knobs, accuracy, T_total_q_ms, fits.
     """
-    is_full = np.logical_and.reduce([df[k] == v for k, v in zip(KNOBS, full)])
-    if not is_full.any():
-        raise ValueError(f"the table has no rows of the full config {tuple(full)}")
-    l_full = float(df.loc[is_full, "T_total_ms"].median())
-    per_config = (df.groupby(["dataset", *KNOBS])
-                  .agg(accuracy=("accuracy", "mean"), T_total_q_ms=("T_total_ms", lambda t: t.quantile(quantile)))
-                  .reset_index())
-    rows = []
-    for dataset, part in per_config.groupby("dataset", sort=True):
-        for f in fractions:
-            fits = part[part["T_total_q_ms"] <= f * l_full].sort_values(["accuracy", "T_total_q_ms"], ascending=[False, True])
-            best = fits.iloc[0] if len(fits) else None
-            rows.append({"dataset": dataset, "fraction": f, "budget_ms": f * l_full,
-                         **{k: (best[k] if best is not None else np.nan) for k in KNOBS},
-                         "accuracy": best["accuracy"] if best is not None else np.nan,
-                         "T_total_q_ms": best["T_total_q_ms"] if best is not None else np.nan})
-    return pd.DataFrame(rows).astype({"top_k": "Int64", "num_active_blocks": "Int64"})
+    l_full = full_latency_ms(df, KnobConfig(*full))  # type: ignore[arg-type]
+    return lookup_table(df, l_full, fractions, quantile=quantile, by_dataset=True)
