@@ -13,7 +13,7 @@ import mlflow
 import torch
 
 from core.vlm.base_vlm import BaseVLM, space_for
-from core.vlm.elastic_training import (TRAINING_KEYS, VALIDATION_KEYS, ElasticTrainConfig, export_trained, exported_training,
+from core.vlm.elastic_training import (KNOB_WEIGHT_FIELDS, TRAINING_KEYS, VALIDATION_KEYS, ElasticTrainConfig, export_trained, exported_training,
                                        recorded_history, train_base_vlm, validation_samples, validation_scores)
 from core.vqa.sample import samples_frame
 from core.vqa.suite import DATASETS, load_mixed_split, load_split
@@ -59,8 +59,8 @@ class Params:
 
 
 def prepare(params: Params) -> ElasticTrainConfig:
-    config = config_from_params(ElasticTrainConfig, params, **{name: number_list(getattr(params, name), name, n) for name, n
-                                                               in (("tier_weights", 3), ("top_k_weights", 5), ("block_weights", 5))})
+    config = config_from_params(ElasticTrainConfig, params,
+                                **{name: number_list(getattr(params, name), name) for name in KNOB_WEIGHT_FIELDS})
     config.validate()
     if params.from_checkpoint and not (Path(params.from_checkpoint) / "base_vlm_config.json").is_file():
         raise FileNotFoundError(f"from_checkpoint={params.from_checkpoint}: no base_vlm_config.json (not a base-VLM checkpoint)")

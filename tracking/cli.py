@@ -112,16 +112,12 @@ def comma_list(text: str, parameter: str, choices: Sequence[str] | None = None, 
     return items
 
 
-def number_list(text: str, parameter: str, length: int) -> tuple[float, ...]:
-    """`"0.1, 0.2,0.7"` -> (0.1, 0.2, 0.7), exactly `length` numbers; ParameterError naming the parameter."""
-    items = comma_list(text, parameter)
+def number_list(text: str, parameter: str) -> tuple[float, ...]:
+    """`"0.1, 0.2,0.7"` -> (0.1, 0.2, 0.7); ParameterError naming the parameter (the core config checks the count)."""
     try:
-        values = tuple(float(item) for item in items)
+        return tuple(float(item) for item in comma_list(text, parameter))
     except ValueError:
         raise ParameterError(f"{parameter}: {text!r} is not a comma-separated list of numbers") from None
-    if len(values) != length:
-        raise ParameterError(f"{parameter}: expected {length} numbers, got {len(values)} ({text!r})")
-    return values
 
 
 def exit_on_input_error(main: Callable[[], int | None]) -> int:

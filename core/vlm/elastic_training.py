@@ -51,6 +51,8 @@ STATE_FILE = "training_state.pt"
 HISTORY_FILE = "history.json"  # per-epoch records, beside a checkpoint (training state and exported copies)
 TRAINING_CONFIG_FILE = "training_config.json"  # the full ElasticTrainConfig, beside an exported checkpoint
 MODEL_SUBDIR = "model"
+# The per-knob sampling weights of ElasticTrainConfig and how many options each weighs.
+KNOB_WEIGHT_FIELDS: dict[str, int] = {"tier_weights": 3, "top_k_weights": 5, "block_weights": 5}
 # The keys of an epoch record (`train_base_vlm`): training figures, and held-out ones on the val split.
 TRAINING_KEYS = ("train_loss", "train_ce", "train_aux", "train_reader", "lr", "samples_per_s", "epoch_time_s")
 VALIDATION_KEYS = ("val_vqa_score_full", "val_vqa_score_min", *(f"val_vqa_score_{d}" for d in DATASETS),
@@ -108,7 +110,7 @@ class ElasticTrainConfig:
         for name in ("epochs", "reader_word_steps", "reader_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name, options in (("tier_weights", 3), ("top_k_weights", 5), ("block_weights", 5)):
+        for name, options in KNOB_WEIGHT_FIELDS.items():
             weights = getattr(self, name)
             if len(weights) != options or min(weights) < 0 or sum(weights) <= 0:
                 raise ValueError(f"{name} must be {options} non-negative weights with a positive sum, got {list(weights)}")
