@@ -22,6 +22,7 @@ MODULES: dict[str, str] = {
     "train_estimator": "entry_points.train_estimator",
     "evaluate_estimator": "entry_points.evaluate_estimator",
     "visualize_estimator": "entry_points.visualize_estimator",
+    "build_controller_data": "entry_points.build_controller_data",
 }
 
 
