@@ -1,0 +1,330 @@
+"""The decision rule every learned controller shares, and the controller it belongs to.
+
+A request arrives with its features (the `samples` frame's columns: text_tokens, crops_<tier>,
+vision_tokens_<tier>, q_emb_*, gv_*) and a budget B in ms. The controller
+
+  1. scores every config of the knob space by the heads' joint log-probability: the sum of the tier,
+     top_k and blocks heads' log-probs (the heads are trained as independent marginals of the
+     best-config label, so their sum ranks configs as the product of the marginals). The stage-1 net
+     has the tier head alone: its configs are ranked by the tier's log-prob, and within the tier by
+     the config's mean accuracy on the controller data (`prior_accuracy`);
+  2. predicts every config's T_total at a calibrated upper quantile (`upper_latency_ms`): the
+     estimator's P90 of T_total, times `latency_factor`;
+  3. picks the most likely config whose calibrated latency fits B; if none fits, the config of lowest
+     calibrated latency, with fits=False (the request is answered either way).
+
+Calibration (`calibrate_factor`). On the calibration part of the measured table, each measured
+per-run T_total is divided by the estimator's P90 at the same (sample, config), computed exactly as at
+decision time (with the predicted answer length); the `latency_quantile` (default 0.97) of those ratios
+is the factor. So "fits" means: in the calibration runs, 97% of runs of a config came in under its
+corrected prediction. The factor absorbs the estimator's bias, the run-to-run spread, drift between the
+estimator's table and this machine, and answer-length errors.
+
+Answer length. T_total includes decode, one forward per answer token after the first, and the answer
+is not known before it is generated. `OutputLengthModel` predicts it from the question features alone
+(a ridge regression onto each training sample's 90th-percentile answer length over the 75 configs,
+rounded to the nearest token, at least 1): answer length is a property of the question type (a colour
+is one word, a sign two), which the question embedding carries, while its variation across configs
+(a wrong answer of another length) is small and left to the calibration factor. A length head on the
+controller net would learn the same thing with more parameters and a coupling to the knob training.
+
+The rule is vectorised over requests: one estimator pass over the distinct (text_tokens, crops per
+tier, predicted length) combinations of a batch, one net forward, then array operations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.control.policies import ControllerConfig, ControllerNet, build_net
+from core.knobs import KNOBS, TIERS
+from core.latency.estimator import LatencyEstimator
+
+CHECKPOINT_FORMAT = "budget-controller/1"
+CONTROLLER_FILE, ESTIMATOR_FILE = "controller.pt", "estimator.pt"
+CONTROLLER_KINDS = ("supervised", "two_stage")
+QUESTION_PREFIX, GLOBAL_VIEW_PREFIX = "q_emb_", "gv_"
+_TIE_DECIMALS = 9  # mean accuracies that differ below this are a tie (then the faster config wins)
+
+
+class ControllerError(ValueError):
+    """Bad input to a controller (one line naming the field or file)."""
+
+
+# --- the request features ------------------------------------------------------------------------
+def feature_columns(frame: pd.DataFrame, prefix: str) -> list[str]:
+    """The columns `<prefix>0`, `<prefix>1`, ... of `frame`, in index order."""
+    columns = [c for c in frame.columns if c.startswith(prefix) and c[len(prefix):].isdigit()]
+    return sorted(columns, key=lambda c: int(c[len(prefix):]))
+
+
+def request_columns() -> list[str]:
+    """The request-size columns the latency prediction reads from a samples frame."""
+    return ["text_tokens", *(f"crops_{t}" for t in TIERS), *(f"vision_tokens_{t}" for t in TIERS)]
+
+
+def check_requests(frame: pd.DataFrame, source: str, question_dim: int, global_view_dim: int) -> None:
+    """ControllerError (one line naming `source` and the field) unless `frame` has every column a decision reads."""
+    missing = [c for c in request_columns() if c not in frame.columns]
+    if missing:
+        raise ControllerError(f"{source}: field {missing[0]} missing")
+    for prefix, dim in ((QUESTION_PREFIX, question_dim), (GLOBAL_VIEW_PREFIX, global_view_dim)):
+        if dim and len(feature_columns(frame, prefix)) != dim:
+            raise ControllerError(f"{source}: {len(feature_columns(frame, prefix))} {prefix}* features, the controller "
+                                  f"was trained on {dim}")
+
+
+# --- the configs --------------------------------------------------------------------------------
+def config_grid(options: dict[str, list]) -> pd.DataFrame:
+    """Every config, tier-major as KnobSpace.grid(): columns tier, top_k, num_active_blocks, tier_index."""
+    rows = list(product(options["tier"], options["top_k"], options["num_active_blocks"]))
+    grid = pd.DataFrame(rows, columns=list(KNOBS))
+    return grid.assign(tier_index=grid["tier"].map({t: i for i, t in enumerate(TIERS)}))
+
+
+def check_space(options: dict[str, list], table: pd.DataFrame, source: str) -> None:
+    """ControllerError (one line) when the knob options of `table` are not the controller's."""
+    for knob in KNOBS:
+        present = sorted(pd.unique(table[knob]).tolist(), key=lambda v: (TIERS.index(v) if knob == "tier" else v))
+        if [str(v) for v in present] != [str(v) for v in options[knob]]:
+            raise ControllerError(f"{source}: field {knob} has options {present}, the controller was trained on the "
+                                  f"knob space with {list(options[knob])}")
+
+
+# --- answer length -----------------------------------------------------------------------------
+@dataclass
+class OutputLengthModel:
+    """Ridge regression of the answer length (tokens) on standardised question features (module doc)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    weights: np.ndarray  # (d + 1,), the last one the intercept
+    max_tokens: int
+
+    def predict(self, question: np.ndarray) -> np.ndarray:
+        """(N, d) question features -> (N,) int64 predicted answer lengths in [1, max_tokens]."""
+        x = (np.asarray(question, dtype=np.float64) - self.mean) / self.std
+        raw = x @ self.weights[:-1] + self.weights[-1]
+        return np.clip(np.rint(raw), 1, self.max_tokens).astype(np.int64)
+
+    def as_dict(self) -> dict:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "OutputLengthModel":
+        return cls(np.asarray(values["mean"]), np.asarray(values["std"]), np.asarray(values["weights"]),
+                   int(values["max_tokens"]))
+
+
+def fit_output_length(question: np.ndarray, output_tokens: np.ndarray, ridge: float = 1.0) -> OutputLengthModel:
+    """Fit on (N, d) question features of training samples and (N,) their target lengths (>= 1)."""
+    x = np.asarray(question, dtype=np.float64)
+    y = np.asarray(output_tokens, dtype=np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std = np.where(std > 1e-8, std, 1.0)
+    design = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
+    penalty = ridge * np.eye(design.shape[1])
+    penalty[-1, -1] = 0.0  # the intercept is not shrunk
+    weights = np.linalg.solve(design.T @ design + penalty, design.T @ y)
+    return OutputLengthModel(mean, std, weights, int(max(1, y.max())))
+
+
+def length_targets(grid: pd.DataFrame, sample_ids: Sequence[str], quantile: float = 0.9) -> np.ndarray:
+    """Per sample (in `sample_ids` order), the `quantile` of its answer lengths over the grid's configs."""
+    per_sample = grid.astype({"sample_id": str}).groupby("sample_id")["output_tokens"].quantile(quantile)
+    return per_sample.reindex([str(s) for s in sample_ids]).to_numpy(dtype=np.float64)
+
+
+# --- latency ----------------------------------------------------------------------------------
+def predicted_latency_ms(estimator: LatencyEstimator, requests: pd.DataFrame, output_tokens: np.ndarray,
+                         options: dict[str, list]) -> tuple[np.ndarray, np.ndarray]:
+    """(point, P90) T_total in ms, each (N requests, configs), for answers of `output_tokens` (N,).
+
+    The estimator runs once per distinct (text_tokens, crops and vision tokens per tier, length):
+    requests that share them share the prediction exactly.
+    """
+    grid = config_grid(options)
+    keys = np.column_stack([requests[request_columns()].to_numpy(dtype=np.float64), np.asarray(output_tokens, np.float64)])
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    tier_index = grid["tier_index"].to_numpy()
+    n_configs, n_tiers = len(grid), len(TIERS)
+    crops = unique[:, 1:1 + n_tiers][:, tier_index]  # (U, configs)
+    vision = unique[:, 1 + n_tiers:1 + 2 * n_tiers][:, tier_index]
+    raw = np.column_stack([  # RAW_COLUMNS order: vision_tokens, text_tokens, crops, tier, top_k, blocks
+        vision.reshape(-1), np.repeat(unique[:, 0], n_configs), crops.reshape(-1), np.tile(tier_index, len(unique)),
+        np.tile(grid["top_k"].to_numpy(np.float64), len(unique)),
+        np.tile(grid["num_active_blocks"].to_numpy(np.float64), len(unique))])
+    out = estimator.predict_array(raw).reshape(len(unique), n_configs, 6)
+    steps = np.maximum(unique[:, -1] - 1, 0)[:, None]
+    point = out[..., 0] + out[..., 1] + steps * out[..., 2]
+    upper = out[..., 3] + out[..., 4] + steps * out[..., 5]
+    return point[inverse], upper[inverse]
+
+
+def calibration_ratios(upper_ms: np.ndarray, sample_ids: Sequence[str], options: dict[str, list],
+                       runs: pd.DataFrame) -> np.ndarray:
+    """Measured per-run T_total_ms of `runs` (a measured table) over the uncalibrated prediction
+    `upper_ms` (N samples in `sample_ids` order, configs) at the same (sample, config)."""
+    grid = config_grid(options).reset_index().rename(columns={"index": "config_index"})
+    index_of = {str(s): i for i, s in enumerate(sample_ids)}
+    rows = runs.merge(grid[["config_index", *KNOBS]], on=list(KNOBS), how="inner")
+    sample_index = rows["sample_id"].astype(str).map(index_of)
+    if sample_index.isna().any():
+        raise ControllerError(f"calibration table: sample {rows['sample_id'][sample_index.isna()].iloc[0]} has no features")
+    predicted = upper_ms[sample_index.to_numpy(dtype=np.int64), rows["config_index"].to_numpy()]
+    return rows["T_total_ms"].to_numpy(dtype=np.float64) / predicted
+
+
+def calibrate_factor(ratios: np.ndarray, quantile: float) -> float:
+    """The `quantile` of measured / predicted ratios: the factor the prediction is multiplied by."""
+    if not 0 < quantile < 1:
+        raise ControllerError(f"parameter latency_quantile must lie in (0, 1), got {quantile}")
+    if len(ratios) == 0:
+        raise ControllerError("calibration table: no measured run matches a config of the controller's knob space")
+    return float(np.quantile(ratios, quantile))
+
+
+# --- the rule --------------------------------------------------------------------------------
+def joint_log_prob(log_probs: dict[str, np.ndarray]) -> np.ndarray:
+    """{knob: (N, options) log-probs} of the three heads -> (N, configs) their sum, tier-major grid order."""
+    tier, top_k, blocks = (log_probs[k] for k in KNOBS)
+    joint = tier[:, :, None, None] + top_k[:, None, :, None] + blocks[:, None, None, :]
+    return joint.reshape(len(tier), -1)
+
+
+def choose(score: np.ndarray, upper_ms: np.ndarray, budget_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The config index of the highest `score` (N, configs) among those with upper_ms <= budget_ms, else
+    of the lowest upper_ms; and whether one fitted. (indices (N,), fits (N,) bool)."""
+    fitting = upper_ms <= np.asarray(budget_ms, dtype=np.float64)[:, None]
+    fits = fitting.any(axis=1)
+    best_fitting = np.argmax(np.where(fitting, score, -np.inf), axis=1)
+    return np.where(fits, best_fitting, np.argmin(upper_ms, axis=1)), fits
+
+
+def choose_tier_then_prior(tier_log_prob: np.ndarray, prior_accuracy: np.ndarray, tier_index: np.ndarray,
+                           upper_ms: np.ndarray, budget_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1's rule: the most likely tier that has a fitting config, then within it the fitting config
+    of highest `prior_accuracy` (ties to the faster). Falls back like `choose`."""
+    fitting = upper_ms <= np.asarray(budget_ms, dtype=np.float64)[:, None]
+    tier_fits = np.stack([fitting[:, tier_index == t].any(axis=1) for t in range(tier_log_prob.shape[1])], axis=1)
+    tier = np.argmax(np.where(tier_fits, tier_log_prob, -np.inf), axis=1)
+    # Accuracies rounded to _TIE_DECIMALS dominate; the latency term (< 1e-10) only breaks their ties.
+    key = np.round(prior_accuracy, _TIE_DECIMALS)[None, :] - upper_ms * 1e-12
+    in_tier = fitting & (tier_index[None, :] == tier[:, None])
+    fits = fitting.any(axis=1)
+    return np.where(fits, np.argmax(np.where(in_tier, key, -np.inf), axis=1), np.argmin(upper_ms, axis=1)), fits
+
+
+@dataclass
+class LearnedController:
+    """A trained net with everything its decision rule needs (module doc); `decide` is the whole API."""
+
+    net: ControllerNet
+    kind: str  # CONTROLLER_KINDS
+    space_name: str
+    l_full_ms: float  # the L_full its budget fractions were normalised by
+    estimator: LatencyEstimator
+    latency_factor: float
+    latency_quantile: float
+    output_length: OutputLengthModel
+    prior_accuracy: np.ndarray  # (configs,) mean accuracy per config on the controller data
+
+    @property
+    def options(self) -> dict[str, list]:
+        return self.net.config.options
+
+    def check(self, requests: pd.DataFrame, source: str = "requests") -> None:
+        c = self.net.config
+        check_requests(requests, source, c.question_dim, c.global_view_dim if self.net.uses_global_view else 0)
+
+    def question(self, requests: pd.DataFrame) -> np.ndarray:
+        return requests[feature_columns(requests, QUESTION_PREFIX)].to_numpy(dtype=np.float32)
+
+    def uncalibrated_upper_ms(self, requests: pd.DataFrame) -> np.ndarray:
+        """(N, configs) the estimator's P90 of T_total at the predicted answer length."""
+        lengths = self.output_length.predict(self.question(requests))
+        return predicted_latency_ms(self.estimator, requests, lengths, self.options)[1]
+
+    def upper_latency_ms(self, requests: pd.DataFrame) -> np.ndarray:
+        """(N, configs) the calibrated upper-quantile T_total the fit check uses."""
+        return self.uncalibrated_upper_ms(requests) * self.latency_factor
+
+    @torch.inference_mode()
+    def log_probs(self, requests: pd.DataFrame, budget_ms: np.ndarray) -> dict[str, np.ndarray]:
+        """{knob: (N, options) log-probs} of the net's heads for `requests` at `budget_ms` (N,)."""
+        self.net.eval()
+        gv = requests[feature_columns(requests, GLOBAL_VIEW_PREFIX)].to_numpy(np.float32) if self.net.uses_global_view else None
+        features = self.net.inputs(self.question(requests), gv)
+        fraction = torch.as_tensor(np.asarray(budget_ms, dtype=np.float32) / self.l_full_ms)
+        return {k: torch.log_softmax(v, dim=1).numpy() for k, v in self.net(fraction, features).items()}
+
+    def choose(self, log_probs: dict[str, np.ndarray], upper_ms: np.ndarray, budget_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rule on precomputed heads and latencies: (config indices (N,), fits (N,))."""
+        if tuple(log_probs) == ("tier",):
+            tier_index = config_grid(self.options)["tier_index"].to_numpy()
+            return choose_tier_then_prior(log_probs["tier"], self.prior_accuracy, tier_index, upper_ms, budget_ms)
+        return choose(joint_log_prob(log_probs), upper_ms, budget_ms)
+
+    def decide(self, requests: pd.DataFrame, budget_ms: np.ndarray | float) -> pd.DataFrame:
+        """`requests` (the samples frame's columns) and budgets in ms (scalar or (N,)) -> one row per
+        request: tier, top_k, num_active_blocks, fits, T_total_upper_ms (calibrated), in request order."""
+        budget = np.broadcast_to(np.asarray(budget_ms, dtype=np.float64), (len(requests),))
+        if not np.isfinite(budget).all() or (budget <= 0).any():
+            raise ControllerError("field budget_ms must be a finite number > 0")
+        upper = self.upper_latency_ms(requests)
+        index, fits = self.choose(self.log_probs(requests, budget), upper, budget)
+        out = config_grid(self.options).iloc[index][list(KNOBS)].reset_index(drop=True)
+        return out.assign(fits=fits, T_total_upper_ms=upper[np.arange(len(index)), index])
+
+    # persistence ---------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """CONTROLLER_FILE (net, scalers, rule parameters) and ESTIMATOR_FILE in `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "format": CHECKPOINT_FORMAT, "kind": self.kind, "space_name": self.space_name,
+            "config": self.net.config.as_dict(),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+            # JSON text: torch's weights_only loader takes plain containers, numpy arrays it does not
+            "rule": json.dumps({"l_full_ms": self.l_full_ms, "latency_factor": self.latency_factor,
+                                "latency_quantile": self.latency_quantile, "output_length": self.output_length.as_dict(),
+                                "prior_accuracy": np.asarray(self.prior_accuracy).tolist()}),
+        }, directory / CONTROLLER_FILE)
+        self.estimator.save(directory / ESTIMATOR_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> "LearnedController":
+        """A controller saved by `save`; ControllerError naming the file for a missing or foreign one."""
+        path = Path(directory) / CONTROLLER_FILE
+        if not path.is_file():
+            raise ControllerError(f"controller checkpoint {path} does not exist")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+            raise ControllerError(f"controller checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+        net = build_net(ControllerConfig.from_dict(saved["config"]))
+        net.load_state_dict(saved["state_dict"])
+        rule = json.loads(saved["rule"])
+        return cls(net.eval(), saved["kind"], saved["space_name"], float(rule["l_full_ms"]),
+                   LatencyEstimator.load(Path(directory) / ESTIMATOR_FILE), float(rule["latency_factor"]),
+                   float(rule["latency_quantile"]), OutputLengthModel.from_dict(rule["output_length"]),
+                   np.asarray(rule["prior_accuracy"], dtype=np.float64))
+
+
+def describe_rule(controller: LearnedController) -> dict[str, object]:
+    """The decision rule's parameters as flat params to log."""
+    return {"latency_quantile": controller.latency_quantile, "latency_factor": round(controller.latency_factor, 6),
+            "latency_base": "estimator P90 of T_total at the predicted answer length",
+            "l_full_ms": round(controller.l_full_ms, 6), "controller_kind": controller.kind,
+            "rule": "tier log-prob, then prior accuracy" if tuple(controller.net.config.heads) == ("tier",)
+            else "joint log-prob (sum of heads)"}

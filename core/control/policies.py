@@ -1,0 +1,134 @@
+"""The learned controllers' networks: a budget encoding plus request features in, knob logits out.
+
+  LatencyBudgetEncoder   sinusoidal features of the normalised budget f = B / L_full, then an MLP
+                         (the seed's AdaLLaVA-style latency token)
+  ControllerNet          budget encoding + question features (+ global-view features) -> a trunk ->
+                         one head per knob: tier (3), top_k (5), num_active_blocks (5), each over the
+                         knob space's options in order (TIERS, top_k_options, block_options)
+  TierControllerNet      the stage-1 net of the two-stage controller: the same inputs, the tier head alone
+
+The inputs are what is known before the tiles are encoded: the question's pooled token embeddings
+(`q_emb_*`) and the pooled global view (`gv_*`, which every tier encodes anyway). The feature scalers
+are buffers fitted on the training samples (`fit_scalers`) and travel with the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.knobs import KNOBS, TIERS, KnobSpace
+
+
+@dataclass
+class ControllerConfig:
+    """The shape of a controller net, with its defaults in one place."""
+
+    question_dim: int
+    global_view_dim: int = 0
+    use_global_view: bool = True  # the ablation flag: False feeds the question and the budget only
+    hidden_width: int = 128
+    depth: int = 2  # trunk layers
+    budget_frequencies: int = 8  # sinusoids of f at 2^0 .. 2^(n-1) x pi
+    budget_dim: int = 32  # width of the budget encoding
+    dropout: float = 0.1
+    heads: tuple[str, ...] = KNOBS  # ("tier",) for the stage-1 net
+    options: dict[str, list] = field(default_factory=dict)  # knob -> its options, in the space's order
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["heads"] = list(self.heads)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ControllerConfig":
+        values = dict(values)
+        values["heads"] = tuple(values.get("heads", KNOBS))
+        return cls(**values)
+
+
+def knob_options(space: KnobSpace) -> dict[str, list]:
+    """Each knob's options in head order: tier names, top_k options, block options."""
+    return {"tier": list(TIERS), "top_k": list(space.top_k_options), "num_active_blocks": list(space.block_options)}
+
+
+class LatencyBudgetEncoder(nn.Module):
+    """(N,) budget fractions f = B / L_full -> (N, out_dim): [f, sin(2^i pi f), cos(2^i pi f)] then an MLP."""
+
+    def __init__(self, num_frequencies: int = 8, out_dim: int = 32) -> None:
+        super().__init__()
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32))
+        self.mlp = nn.Sequential(nn.Linear(1 + 2 * num_frequencies, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, fraction: torch.Tensor) -> torch.Tensor:
+        f = fraction.reshape(-1, 1).float()
+        angles = f * self.frequencies
+        return self.mlp(torch.cat([f, torch.sin(angles), torch.cos(angles)], dim=1))
+
+
+class ControllerNet(nn.Module):
+    """Budget + request features -> {knob: logits (N, options)} for the knobs of `config.heads`."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        super().__init__()
+        if config.question_dim < 1:
+            raise ValueError(f"controller: question_dim must be >= 1, got {config.question_dim}")
+        missing = [k for k in config.heads if k not in config.options]
+        if missing:
+            raise ValueError(f"controller: no options given for head(s) {missing}")
+        self.config = config
+        gv_dim = config.global_view_dim if config.use_global_view else 0
+        in_dim = config.question_dim + gv_dim
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+        self.budget = LatencyBudgetEncoder(config.budget_frequencies, config.budget_dim)
+        layers: list[nn.Module] = []
+        width_in = in_dim + config.budget_dim
+        for _ in range(config.depth):
+            layers += [nn.Linear(width_in, config.hidden_width), nn.SiLU(), nn.Dropout(config.dropout)]
+            width_in = config.hidden_width
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict({k: nn.Linear(width_in, len(config.options[k])) for k in config.heads})
+
+    @property
+    def uses_global_view(self) -> bool:
+        return bool(self.config.use_global_view and self.config.global_view_dim > 0)
+
+    def inputs(self, question: np.ndarray | torch.Tensor, global_view: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+        """The (N, in_dim) feature matrix the net reads, before standardising."""
+        parts = [torch.as_tensor(np.array(question, dtype=np.float32))]
+        if self.uses_global_view:
+            if global_view is None:
+                raise ValueError("controller: this net uses the global view; no gv_* features given")
+            parts.append(torch.as_tensor(np.array(global_view, dtype=np.float32)))
+        return torch.cat(parts, dim=1)
+
+    def fit_scalers(self, features: torch.Tensor) -> "ControllerNet":
+        """Standardise inputs by the training samples' mean and std (a constant feature keeps std 1)."""
+        std = features.std(dim=0, unbiased=False)
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+        return self
+
+    def forward(self, fraction: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """fraction (N,), features (N, in_dim) from `inputs` -> {knob: logits (N, options)}."""
+        x = (features - self.feature_mean) / self.feature_std
+        hidden = self.trunk(torch.cat([x, self.budget(fraction)], dim=1))
+        return {knob: head(hidden) for knob, head in self.heads.items()}
+
+
+class TierControllerNet(ControllerNet):
+    """Stage 1 of the two-stage controller: ControllerNet with the tier head alone."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        config.heads = ("tier",)
+        super().__init__(config)
+
+
+def build_net(config: ControllerConfig) -> ControllerNet:
+    """The net a config describes: TierControllerNet for heads ("tier",), else ControllerNet."""
+    return TierControllerNet(config) if tuple(config.heads) == ("tier",) else ControllerNet(config)
