@@ -91,13 +91,13 @@ def config_grid(options: dict[str, list]) -> pd.DataFrame:
     return grid.assign(tier_index=grid["tier"].map({t: i for i, t in enumerate(TIERS)}))
 
 
-def check_space(options: dict[str, list], table: pd.DataFrame, source: str) -> None:
-    """ControllerError (one line) when the knob options of `table` are not the controller's."""
+def check_space(options: dict[str, list], table: pd.DataFrame, source: str,
+                owner: str = "the controller was trained on the knob space") -> None:
+    """ControllerError (one line) when the knob options of `table` are not `options` (`owner`'s)."""
     for knob in KNOBS:
         present = sorted(pd.unique(table[knob]).tolist(), key=lambda v: (TIERS.index(v) if knob == "tier" else v))
         if [str(v) for v in present] != [str(v) for v in options[knob]]:
-            raise ControllerError(f"{source}: field {knob} has options {present}, the controller was trained on the "
-                                  f"knob space with {list(options[knob])}")
+            raise ControllerError(f"{source}: field {knob} has options {present}, {owner} with {list(options[knob])}")
 
 
 # --- answer length -----------------------------------------------------------------------------
