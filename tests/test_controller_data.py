@@ -143,6 +143,15 @@ def test_a_build_with_other_parameters_into_the_same_directory_is_refused_in_one
     assert "\n" not in str(info.value)
 
 
+def test_samples_from_a_changed_suite_are_not_mixed_into_an_old_build(built, backend, estimator, monkeypatch):
+    import core.control.data as data
+
+    original = data.make_sample
+    monkeypatch.setattr(data, "make_sample", lambda *a, **k: replace(original(*a, **k), question="what shape is it ?"))
+    with pytest.raises(ValueError, match=r"built with samples_digest='[0-9a-f]{16}', this build has samples_digest="):
+        build_controller_data(backend, built, SMALL, estimator, progress=False)
+
+
 def test_an_estimator_of_another_knob_space_is_refused(backend):
     molmoe = LatencyEstimator(EstimatorConfig(hidden_width=8, depth=1)).fit_scalers(synthetic_profile(2, 1))
     with pytest.raises(ValueError, match=r"estimator was trained on top_k values \[4, 6, 8, 10, 12\]"):
