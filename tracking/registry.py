@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import operator
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Sequence
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -116,21 +119,76 @@ class PromotionResult:
     previous_champion: str | None
     previous_value: float | None
     changed: bool
+    excluded: tuple[tuple[str, str], ...] = ()  # (version, why) of the versions a requirement ruled out
+
+
+_OPERATORS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
+_REQUIREMENT = re.compile(r"^\s*([A-Za-z_][\w.\-/]*)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A constraint a version's source-run metric must meet to become champion, e.g. test_adherence_min>=0.97."""
+
+    metric: str
+    op: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+    def violation(self, metrics: dict[str, float]) -> str | None:
+        """Why `metrics` (a run's) fail the requirement, or None when they meet it."""
+        if self.metric not in metrics:
+            return f"no {self.metric}"
+        if not _OPERATORS[self.op](metrics[self.metric], self.value):
+            return f"{self.metric}={metrics[self.metric]:.6g} fails {self}"
+        return None
+
+
+def parse_requirement(text: str) -> Requirement:
+    """`<metric><op><number>` with op one of >=, <=, >, <, == -> Requirement; RegistryError (one line) otherwise."""
+    match = _REQUIREMENT.match(str(text))
+    if match is None:
+        raise RegistryError(f"require={text!r} is not <metric><op><number> with op one of >=, <=, >, <, == "
+                            "(e.g. test_adherence_min>=0.97)")
+    return Requirement(match.group(1), match.group(2), float(match.group(3)))
+
+
+def excluded_by(candidates: Sequence[CandidateVersion], requirements: Sequence[Requirement]) -> dict[str, str]:
+    """{version: why} for the candidates whose source run fails one of `requirements`."""
+    if not requirements:
+        return {}
+    client, out = MlflowClient(), {}
+    for candidate in candidates:
+        metrics = client.get_run(candidate.run_id).data.metrics
+        reasons = [why for r in requirements if (why := r.violation(metrics)) is not None]
+        if reasons:
+            out[candidate.version] = "; ".join(reasons)
+    return out
 
 
 def promote(
     name: str, metric: str, mode: str = "min", alias: str = "champion", version: str | None = None, force: bool = False,
-    data_digest: str | None = None,
+    data_digest: str | None = None, require: Sequence[Requirement] = (),
 ) -> PromotionResult:
     """Move `alias` to the best version by `metric` (or to `version`), among the versions trained on
-    table `data_digest` when given (held-out figures of different tables do not compare).
+    table `data_digest` when given (held-out figures of different tables do not compare) whose source
+    runs meet every `require` (the others never become champion; the result lists them and why).
 
     Refuses (RegistryError) to replace a champion whose metric is better, unless `force`; a
-    champion trained on another table than `data_digest` is not a rival.
+    champion trained on another table than `data_digest`, or failing a requirement, is not a rival.
     """
     if mode not in ("min", "max"):
         raise RegistryError(f"mode must be 'min' or 'max', got {mode!r}")
     candidates = competing_versions(name, metric, data_digest)
+    excluded = excluded_by(candidates, require)
+    if version in excluded:
+        raise RegistryError(f"version {version} of {name!r} fails the requirement: {excluded[version]}")
+    if len(excluded) == len(candidates):
+        raise RegistryError(f"no version of {name!r} meets {', '.join(map(str, require))}: "
+                            + ", ".join(f"version {v} ({why})" for v, why in excluded.items()))
+    candidates = [c for c in candidates if c.version not in excluded]
     better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
     by_version = {c.version: c for c in candidates}
     if version:
@@ -140,6 +198,7 @@ def promote(
         chosen = by_version[version]
     else:
         chosen = min(candidates, key=lambda c: c.value if mode == "min" else -c.value)
+    ruled_out = tuple(excluded.items())
 
     client = MlflowClient()
     try:
@@ -150,7 +209,7 @@ def promote(
     current_value = by_version[current_version].value if current_version in by_version else None
 
     if current_version == chosen.version:
-        return PromotionResult(chosen.version, chosen.value, current_version, current_value, changed=False)
+        return PromotionResult(chosen.version, chosen.value, current_version, current_value, False, ruled_out)
     if current_value is not None and better(current_value, chosen.value) and not force:
         raise RegistryError(
             f"refusing to move {name}@{alias} from version {current_version} ({metric}={current_value:.6g}) "
@@ -165,4 +224,4 @@ def promote(
         "promoted_alias": alias,
     }.items():
         client.set_model_version_tag(name, chosen.version, key, value)
-    return PromotionResult(chosen.version, chosen.value, current_version, current_value, changed=True)
+    return PromotionResult(chosen.version, chosen.value, current_version, current_value, True, ruled_out)
