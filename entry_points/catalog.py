@@ -23,6 +23,9 @@ MODULES: dict[str, str] = {
     "evaluate_estimator": "entry_points.evaluate_estimator",
     "visualize_estimator": "entry_points.visualize_estimator",
     "build_controller_data": "entry_points.build_controller_data",
+    "train_supervised_controller": "entry_points.train_supervised_controller",
+    "train_two_stage_controller": "entry_points.train_two_stage_controller",
+    "evaluate_controller": "entry_points.evaluate_controller",
 }
 
 
