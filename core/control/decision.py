@@ -34,6 +34,7 @@ tier, predicted length) combinations of a batch, one net forward, then array ope
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ CHECKPOINT_FORMAT = "budget-controller/1"
 CONTROLLER_FILE, ESTIMATOR_FILE = "controller.pt", "estimator.pt"
 CONTROLLER_KINDS = ("supervised", "two_stage")
 QUESTION_PREFIX, GLOBAL_VIEW_PREFIX = "q_emb_", "gv_"
+_NUMPY_MAX_REQUESTS = 64  # below this the net runs in numpy (torch's per-op dispatch dominates small batches)
+_LATENCY_CACHE_SIZE = 4096  # distinct request sizes kept for single-request decisions
 _TIE_DECIMALS = 9  # mean accuracies that differ below this are a tie (then the faster config wins)
 
 
@@ -84,11 +87,31 @@ def check_requests(frame: pd.DataFrame, source: str, question_dim: int, global_v
 
 
 # --- the configs --------------------------------------------------------------------------------
+def _options_key(options: dict[str, list]) -> tuple:
+    return tuple((k, tuple(options[k])) for k in KNOBS)
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_arrays(key: tuple) -> dict[str, np.ndarray]:
+    """The grid of an options key as read-only arrays (built once: the decision path reads them per call)."""
+    options = dict(key)
+    rows = list(product(options["tier"], options["top_k"], options["num_active_blocks"]))
+    arrays = {"tier": np.array([r[0] for r in rows], dtype=object), "top_k": np.array([r[1] for r in rows]),
+              "num_active_blocks": np.array([r[2] for r in rows]),
+              "tier_index": np.array([TIERS.index(r[0]) for r in rows])}
+    for array in arrays.values():
+        array.flags.writeable = False
+    return arrays
+
+
+def grid_arrays(options: dict[str, list]) -> dict[str, np.ndarray]:
+    """{tier, top_k, num_active_blocks, tier_index: (configs,) array}, tier-major as KnobSpace.grid()."""
+    return _grid_arrays(_options_key(options))
+
+
 def config_grid(options: dict[str, list]) -> pd.DataFrame:
     """Every config, tier-major as KnobSpace.grid(): columns tier, top_k, num_active_blocks, tier_index."""
-    rows = list(product(options["tier"], options["top_k"], options["num_active_blocks"]))
-    grid = pd.DataFrame(rows, columns=list(KNOBS))
-    return grid.assign(tier_index=grid["tier"].map({t: i for i, t in enumerate(TIERS)}))
+    return pd.DataFrame({k: v.copy() for k, v in grid_arrays(options).items()})
 
 
 def check_space(options: dict[str, list], table: pd.DataFrame, source: str,
@@ -147,23 +170,33 @@ def length_targets(grid: pd.DataFrame, sample_ids: Sequence[str], quantile: floa
 # --- latency ----------------------------------------------------------------------------------
 def predicted_latency_ms(estimator: LatencyEstimator, requests: pd.DataFrame, output_tokens: np.ndarray,
                          options: dict[str, list]) -> tuple[np.ndarray, np.ndarray]:
-    """(point, P90) T_total in ms, each (N requests, configs), for answers of `output_tokens` (N,).
+    """(point, P90) T_total in ms, each (N requests, configs), for answers of `output_tokens` (N,)."""
+    sizes = requests[request_columns()].to_numpy(dtype=np.float64)
+    return latency_from_sizes(estimator, sizes, output_tokens, options)
+
+
+def latency_from_sizes(estimator: LatencyEstimator, sizes: np.ndarray, output_tokens: np.ndarray,
+                       options: dict[str, list]) -> tuple[np.ndarray, np.ndarray]:
+    """`predicted_latency_ms` from (N, 7) request sizes in `request_columns()` order.
 
     The estimator runs once per distinct (text_tokens, crops and vision tokens per tier, length):
     requests that share them share the prediction exactly.
     """
-    grid = config_grid(options)
-    keys = np.column_stack([requests[request_columns()].to_numpy(dtype=np.float64), np.asarray(output_tokens, np.float64)])
-    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    tier_index = grid["tier_index"].to_numpy()
-    n_configs, n_tiers = len(grid), len(TIERS)
+    grid = grid_arrays(options)
+    keys = np.column_stack([sizes, np.asarray(output_tokens, np.float64)])
+    if len(keys) == 1:
+        unique, inverse = keys, np.zeros(1, dtype=np.int64)
+    else:
+        unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    tier_index = grid["tier_index"]
+    n_configs, n_tiers = len(tier_index), len(TIERS)
     crops = unique[:, 1:1 + n_tiers][:, tier_index]  # (U, configs)
     vision = unique[:, 1 + n_tiers:1 + 2 * n_tiers][:, tier_index]
     raw = np.column_stack([  # RAW_COLUMNS order: vision_tokens, text_tokens, crops, tier, top_k, blocks
         vision.reshape(-1), np.repeat(unique[:, 0], n_configs), crops.reshape(-1), np.tile(tier_index, len(unique)),
-        np.tile(grid["top_k"].to_numpy(np.float64), len(unique)),
-        np.tile(grid["num_active_blocks"].to_numpy(np.float64), len(unique))])
+        np.tile(grid["top_k"].astype(np.float64), len(unique)),
+        np.tile(grid["num_active_blocks"].astype(np.float64), len(unique))])
     out = estimator.predict_array(raw).reshape(len(unique), n_configs, 6)
     steps = np.maximum(unique[:, -1] - 1, 0)[:, None]
     point = out[..., 0] + out[..., 1] + steps * out[..., 2]
@@ -247,8 +280,17 @@ class LearnedController:
         c = self.net.config
         check_requests(requests, source, c.question_dim, c.global_view_dim if self.net.uses_global_view else 0)
 
+    def _columns(self, requests: pd.DataFrame) -> tuple[list[str], list[str]]:
+        """The q_emb_* and (if used) gv_* columns of a frame, cached per column layout."""
+        key = tuple(requests.columns)
+        cache = self.__dict__.setdefault("_column_cache", {})
+        if key not in cache:
+            cache[key] = (feature_columns(requests, QUESTION_PREFIX),
+                          feature_columns(requests, GLOBAL_VIEW_PREFIX) if self.net.uses_global_view else [])
+        return cache[key]
+
     def question(self, requests: pd.DataFrame) -> np.ndarray:
-        return requests[feature_columns(requests, QUESTION_PREFIX)].to_numpy(dtype=np.float32)
+        return requests[self._columns(requests)[0]].to_numpy(dtype=np.float32)
 
     def uncalibrated_upper_ms(self, requests: pd.DataFrame) -> np.ndarray:
         """(N, configs) the estimator's P90 of T_total at the predicted answer length."""
@@ -259,19 +301,39 @@ class LearnedController:
         """(N, configs) the calibrated upper-quantile T_total the fit check uses."""
         return self.uncalibrated_upper_ms(requests) * self.latency_factor
 
-    @torch.inference_mode()
     def log_probs(self, requests: pd.DataFrame, budget_ms: np.ndarray) -> dict[str, np.ndarray]:
         """{knob: (N, options) log-probs} of the net's heads for `requests` at `budget_ms` (N,)."""
+        q_columns, gv_columns = self._columns(requests)
+        gv = requests[gv_columns].to_numpy(np.float32) if gv_columns else None
+        return self._log_probs(requests[q_columns].to_numpy(np.float32), gv, budget_ms)
+
+    @torch.inference_mode()
+    def _log_probs(self, question: np.ndarray, gv: np.ndarray | None, budget_ms: np.ndarray) -> dict[str, np.ndarray]:
         self.net.eval()
-        gv = requests[feature_columns(requests, GLOBAL_VIEW_PREFIX)].to_numpy(np.float32) if self.net.uses_global_view else None
-        features = self.net.inputs(self.question(requests), gv)
-        fraction = torch.as_tensor(np.asarray(budget_ms, dtype=np.float32) / self.l_full_ms)
-        return {k: torch.log_softmax(v, dim=1).numpy() for k, v in self.net(fraction, features).items()}
+        fraction = np.asarray(budget_ms, dtype=np.float32) / self.l_full_ms
+        if len(question) <= _NUMPY_MAX_REQUESTS:
+            logits = self.net.forward_numpy(fraction, np.hstack([question, gv]) if self.net.uses_global_view else question)
+            return {k: v - np.logaddexp.reduce(v, axis=1, keepdims=True) for k, v in logits.items()}
+        out = self.net(torch.as_tensor(fraction), self.net.inputs(question, gv))
+        return {k: torch.log_softmax(v, dim=1).numpy() for k, v in out.items()}
+
+    def _uncalibrated_upper(self, sizes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The estimator's P90 per config; a single request's is cached by its sizes and length (the
+        estimator is deterministic: a repeated size is an exact hit)."""
+        if len(sizes) != 1:
+            return latency_from_sizes(self.estimator, sizes, lengths, self.options)[1]
+        cache = self.__dict__.setdefault("_latency_cache", {})
+        key = np.append(sizes[0], lengths[0]).astype(np.float64).tobytes()
+        if key not in cache:
+            if len(cache) >= _LATENCY_CACHE_SIZE:
+                cache.clear()
+            cache[key] = latency_from_sizes(self.estimator, sizes, lengths, self.options)[1]
+        return cache[key]
 
     def choose(self, log_probs: dict[str, np.ndarray], upper_ms: np.ndarray, budget_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rule on precomputed heads and latencies: (config indices (N,), fits (N,))."""
         if tuple(log_probs) == ("tier",):
-            tier_index = config_grid(self.options)["tier_index"].to_numpy()
+            tier_index = grid_arrays(self.options)["tier_index"]
             return choose_tier_then_prior(log_probs["tier"], self.prior_accuracy, tier_index, upper_ms, budget_ms)
         return choose(joint_log_prob(log_probs), upper_ms, budget_ms)
 
@@ -281,10 +343,23 @@ class LearnedController:
         budget = np.broadcast_to(np.asarray(budget_ms, dtype=np.float64), (len(requests),))
         if not np.isfinite(budget).all() or (budget <= 0).any():
             raise ControllerError("field budget_ms must be a finite number > 0")
-        upper = self.upper_latency_ms(requests)
-        index, fits = self.choose(self.log_probs(requests, budget), upper, budget)
-        out = config_grid(self.options).iloc[index][list(KNOBS)].reset_index(drop=True)
-        return out.assign(fits=fits, T_total_upper_ms=upper[np.arange(len(index)), index])
+        # Every column is read once: pandas selections cost more than the arithmetic for small batches.
+        q_columns, gv_columns = self._columns(requests)
+        index, fits, upper = self.decide_arrays(
+            requests[q_columns].to_numpy(np.float32), requests[gv_columns].to_numpy(np.float32) if gv_columns else None,
+            requests[request_columns()].to_numpy(np.float64), budget)
+        grid = grid_arrays(self.options)
+        return pd.DataFrame({"tier": grid["tier"][index], "top_k": grid["top_k"][index],
+                             "num_active_blocks": grid["num_active_blocks"][index], "fits": fits, "T_total_upper_ms": upper})
+
+    def decide_arrays(self, question: np.ndarray, global_view: np.ndarray | None, sizes: np.ndarray,
+                      budget_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`decide` on arrays: (N, q) question and (N, g) global-view features (None if unused), (N, 7) sizes in
+        `request_columns()` order, (N,) budgets -> (config indices into the grid, fits, calibrated T_total of
+        the pick). The per-request path of a server that keeps features as arrays."""
+        upper = self._uncalibrated_upper(sizes, self.output_length.predict(question)) * self.latency_factor
+        index, fits = self.choose(self._log_probs(question, global_view, budget_ms), upper, budget_ms)
+        return index, fits, upper[np.arange(len(index)), index]
 
     # persistence ---------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:

@@ -121,6 +121,41 @@ class ControllerNet(nn.Module):
         return {knob: head(hidden) for knob, head in self.heads.items()}
 
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        self.__dict__.pop("_numpy_weights", None)  # new weights: the numpy copy is stale
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward_numpy(self, fraction: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
+        """`forward` in eval mode with numpy (float64): a small batch pays torch's per-op dispatch several
+        times over the arithmetic. The weights are copied out once (call `refresh_numpy` after changing them)."""
+        weights = self.__dict__.get("_numpy_weights") or self.refresh_numpy()
+
+        def mlp(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+            for i, (w, b) in enumerate(layers):
+                x = x @ w + b
+                if i < len(layers) - 1 or layers is weights["trunk"]:
+                    x = x / (1.0 + np.exp(-x))  # SiLU
+            return x
+
+        f = np.asarray(fraction, dtype=np.float64).reshape(-1, 1)
+        angles = f * weights["frequencies"]
+        budget = mlp(np.hstack([f, np.sin(angles), np.cos(angles)]), weights["budget"])
+        x = (np.asarray(features, dtype=np.float64) - weights["mean"]) / weights["std"]
+        hidden = mlp(np.hstack([x, budget]), weights["trunk"])
+        return {k: hidden @ w + b for k, (w, b) in weights["heads"].items()}
+
+    def refresh_numpy(self) -> dict:
+        def pairs(modules) -> list[tuple[np.ndarray, np.ndarray]]:
+            return [(m.weight.detach().cpu().double().numpy().T.copy(), m.bias.detach().cpu().double().numpy().copy())
+                    for m in modules if isinstance(m, nn.Linear)]
+
+        weights = {"frequencies": self.budget.frequencies.cpu().double().numpy(), "budget": pairs(self.budget.mlp),
+                   "mean": self.feature_mean.cpu().double().numpy(), "std": self.feature_std.cpu().double().numpy(),
+                   "trunk": pairs(self.trunk), "heads": {k: pairs([h])[0] for k, h in self.heads.items()}}
+        self.__dict__["_numpy_weights"] = weights
+        return weights
+
+
 class TierControllerNet(ControllerNet):
     """Stage 1 of the two-stage controller: ControllerNet with the tier head alone."""
 
