@@ -5,7 +5,8 @@ import hashlib
 import pytest
 
 from core.vqa.sample import VQASample
-from core.vqa.suite import DATASETS, MAX_NEW_TOKENS, SPLIT_SIZES, load_split
+from core.vqa.suite import (COLORS, DATASETS, MAX_COUNT, MAX_NEW_TOKENS, SHAPE_PLURALS, SPLIT_SIZES, load_split,
+                           sample_annotations)
 
 
 def _pixels(sample: VQASample) -> str:
@@ -59,3 +60,41 @@ def test_unknown_names_and_sizes_raise_with_the_known_ones():
         load_split("synth_textvqa", "dev")
     with pytest.raises(ValueError):
         load_split("synth_textvqa", "val", SPLIT_SIZES["val"] + 1)
+
+
+def _objects(sample_id: str) -> list[tuple[str, str]]:
+    regions = sample_annotations(sample_id).regions  # (colour, box), (shape, box) per object
+    return [(shape, color) for (color, _), (shape, _) in zip(regions[::2], regions[1::2])]
+
+
+def test_count_answers_are_exact_for_shape_colour_and_combined_questions():
+    samples = load_split("synth_countvqa", "train", 300)
+    kinds = set()
+    for s in samples:
+        objects, words = _objects(s.sample_id), s.question.split()  # "how many <a> [<b>] are there ?"
+        target = words[2:-3]
+        if len(target) == 2 and target[1] in SHAPE_PLURALS.values():
+            color, shape = target[0], target[1][:-1]
+            n, kind = sum(obj == (shape, color) for obj in objects), "both"
+        elif target[0] in COLORS:
+            n, kind = sum(c == target[0] for _, c in objects), "color"
+        else:
+            n, kind = sum(sh == target[0][:-1] for sh, _ in objects), "shape"
+        assert s.answers[0] == str(n), (s.sample_id, s.question, objects)
+        kinds.add(kind)
+    assert kinds == {"shape", "color", "both"}
+    assert {int(s.answers[0]) for s in samples} == set(range(1, MAX_COUNT + 1))
+
+
+def test_every_training_question_about_a_count_image_is_answered_exactly():
+    for s in load_split("synth_countvqa", "train", 40):
+        objects = _objects(s.sample_id)
+        for question, answer in sample_annotations(s.sample_id).qa_pairs:
+            target = question.split()[2:-3]
+            if len(target) == 2 and target[1] in SHAPE_PLURALS.values():
+                n = sum(obj == (target[1][:-1], target[0]) for obj in objects)
+            elif target[0] in COLORS:
+                n = sum(c == target[0] for _, c in objects)
+            else:
+                n = sum(sh == target[0][:-1] for sh, _ in objects)
+            assert answer == str(n), (s.sample_id, question)
