@@ -41,6 +41,13 @@ class Params:
     predictor_epochs: int = 150
     estimator_epochs: int = 10  # a quick demo fit; the full run is -P estimator_epochs=50
     estimator_results_dir: str = "data/profiles/h200-molmoe-arch-graph"  # the table to train on when no profile step runs
+    # Controllers: trained on an accuracy grid of train/val samples (latency from the estimator the
+    # pipeline just trained) and scored on a measured table of test samples of the same base model.
+    controller_train_samples: int = 40  # per data set (the full build: build_controller_data's 1000)
+    controller_val_samples: int = 10  # per data set
+    controller_epochs: int = 15  # supervised and stage-1 (the full runs: 50)
+    controller_table: str = "data/profiles/cpu-base-vlm"  # measured test-split table of base_checkpoint's model; '' = the profile step's
+    controller_require: str = "test_adherence_min>=0.97"  # promote's constraint on budget-controller versions
     force_rerun: bool = False  # ignore finished runs and execute every step
 
 
@@ -89,7 +96,43 @@ def steps_for(params: Params) -> list[Step]:
             "results_dir": params.profile_results_dir,
         }),
         *estimator_steps(params, params.profile_results_dir, "profile"),
+        *controller_steps(params, base_model),
         *forecasting,
+    ]
+
+
+def controller_steps(params: Params, base_model: Callable[[Mapping[str, str]], str]) -> list[Step]:
+    """controller data -> supervised and stage-1 controllers (each scored on the held-out part of the
+    measured table) -> promote the better under `controller_require` -> evaluate the champion beside
+    every yardstick.
+
+    The controller data directory is named after the estimator run it takes latency from: a retrained
+    estimator builds new data instead of meeting the old directory (whose identity would refuse it).
+    """
+    table = params.controller_table or params.profile_results_dir
+    data_dir = lambda done: f"results/controller_data/pipeline-{done['train_estimator'][:12]}"  # noqa: E731
+    common = lambda done: {  # noqa: E731
+        "estimator": done["train_estimator"], "measured_table": table, "model_path": base_model(done),
+    }
+    return [
+        Step("controller_data", "build_controller_data", lambda done: {
+            "base_model": base_model(done), "estimator": done["train_estimator"],
+            "train_samples": str(params.controller_train_samples), "val_samples": str(params.controller_val_samples),
+            "output_dir": data_dir(done),
+        }),
+        Step("supervised_controller", "train_supervised_controller", lambda done: {
+            **common(done), "profiling_results": data_dir(done), "num_epochs": str(params.controller_epochs)
+        }),
+        Step("two_stage_controller", "train_two_stage_controller", lambda done: {
+            **common(done), "results_dir": data_dir(done), "stage": "stage1",
+            "num_epochs_stage1": str(params.controller_epochs)
+        }),
+        Step("promote_controller", "promote", lambda done: {
+            "model_name": "budget-controller", "require": params.controller_require,
+        }, reusable=False),
+        Step("evaluate_controller", "evaluate_controller", lambda done: {
+            "controller": "models:/budget-controller@champion", "measured_table": table, "model_path": base_model(done),
+        }, reusable=False),
     ]
 
 
@@ -206,7 +249,7 @@ def summary(params: Params, outcome: Mapping[str, object]) -> str:
     lines = [f"{len(outcomes)} steps ({reused} reused) at git {outcome['commit']}"]  # type: ignore[arg-type]
     for o in outcomes:  # type: ignore[union-attr]
         lines.append(f"  {o.name:<22} run {o.run_id}  {'reused' if o.reused else 'executed'}")
-    for name in ("base-vlm", "latency-estimator", "workload-predictor"):
+    for name in ("base-vlm", "latency-estimator", "budget-controller", "workload-predictor"):
         try:
             mv = MlflowClient().get_model_version_by_alias(name, "champion")
             lines.append(f"  registered model {name}: champion = version {mv.version} (models:/{name}@champion)")

@@ -230,3 +230,26 @@ def test_pipeline_estimator_follows_the_profile_step(tmp_path):
     assert names.index("profile") < names.index("train_estimator") < names.index("promote_estimator")
     train = steps["train_estimator"].parameters({"profile": "a" * 32})
     assert train["results_dir"] == "results/profiles/x" and train["profile_run_id"] == "a" * 32
+
+
+def test_pipeline_controllers_follow_the_estimator_and_promote_under_the_adherence_constraint(tmp_path):
+    checkpoint = tmp_path / "base"
+    checkpoint.mkdir()
+    (checkpoint / "base_vlm_config.json").write_text("{}")
+    steps = {s.name: s for s in pipeline.steps_for(pipeline.Params(base_checkpoint=str(checkpoint)))}
+    names = list(steps)
+    assert (names.index("promote_estimator") < names.index("controller_data") < names.index("supervised_controller")
+            < names.index("two_stage_controller") < names.index("promote_controller") < names.index("evaluate_controller"))
+    done = {"base_model": "b" * 32, "train_estimator": "e" * 32, "controller_data": "c" * 32}
+    data = steps["controller_data"].parameters(done)
+    assert data["estimator"] == "e" * 32 and data["base_model"] == f"runs:/{'b' * 32}/model"
+    # A retrained estimator gets a new data directory (the old one's build identity would refuse it).
+    assert data["output_dir"] != steps["controller_data"].parameters({**done, "train_estimator": "f" * 32})["output_dir"]
+    for name, key in (("supervised_controller", "profiling_results"), ("two_stage_controller", "results_dir")):
+        trainer = steps[name].parameters(done)
+        assert trainer[key] == data["output_dir"] and trainer["estimator"] == "e" * 32
+        assert trainer["measured_table"] == "data/profiles/cpu-base-vlm"
+    promote = steps["promote_controller"]
+    assert not promote.reusable and promote.parameters(done) == {"model_name": "budget-controller",
+                                                                 "require": "test_adherence_min>=0.97"}
+    assert steps["evaluate_controller"].parameters(done)["controller"] == "models:/budget-controller@champion"
