@@ -46,7 +46,9 @@ class Params:
     controller_train_samples: int = 40  # per data set (the full build: build_controller_data's 1000)
     controller_val_samples: int = 10  # per data set
     controller_epochs: int = 15  # supervised and stage-1 (the full runs: 50)
-    controller_table: str = "data/profiles/cpu-base-vlm"  # measured test-split table of base_checkpoint's model; '' = the profile step's
+    # A committed table must match base_checkpoint's model and the current suite sample by sample;
+    # the profile step's is measured on both by construction.
+    controller_table: str = ""  # measured test-split table the controllers are scored on; '' = the profile step's
     controller_require: str = "test_adherence_min>=0.97"  # promote's constraint on budget-controller versions
     force_rerun: bool = False  # ignore finished runs and execute every step
 
