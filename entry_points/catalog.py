@@ -25,6 +25,8 @@ MODULES: dict[str, str] = {
     "build_controller_data": "entry_points.build_controller_data",
     "train_supervised_controller": "entry_points.train_supervised_controller",
     "train_two_stage_controller": "entry_points.train_two_stage_controller",
+    "train_grpo_controller": "entry_points.train_grpo_controller",
+    "train_joint_controller": "entry_points.train_joint_controller",
     "evaluate_controller": "entry_points.evaluate_controller",
 }
 

@@ -268,7 +268,7 @@ def test_trainers_register_controllers_that_evaluate_controller_scores_with_ever
     ("no_accuracy", "field accuracy must lie in [0, 1]"),
     ("fraction", "parameter budget_fractions: budget fraction -0.2 must be a finite number > 0"),
     ("alias", "cannot be resolved"),
-    ("stage2", "only stage1 is built"),
+    ("stage2", "parameter stage1_checkpoint: stage2 needs the trained stage-1 controller"),
 ])
 def test_bad_trainer_input_is_one_line_and_leaves_no_run(case, expected, tracking_store, controller_inputs, tmp_path, capsys):
     from entry_points import train_supervised_controller, train_two_stage_controller

@@ -62,7 +62,15 @@ def parse_value(field: dataclasses.Field, text: str) -> Any:
 
 @lru_cache(maxsize=None)
 def field_help(params_cls: type) -> dict[str, str]:
-    """Each field's trailing `# comment` in the class source (the parameter's documentation)."""
+    """Each field's trailing `# comment` in the class source (the parameter's documentation); a field
+    a subclass redeclares without a comment keeps its base class's."""
+    out: dict[str, str] = {}
+    for cls in reversed(params_cls.__mro__[:-1]):  # bases first: a subclass's comment wins
+        out.update(_own_field_help(cls))
+    return out
+
+
+def _own_field_help(params_cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(params_cls))
     except (OSError, TypeError):

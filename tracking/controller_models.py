@@ -27,7 +27,7 @@ MODEL_NAME = "budget-controller"
 CONTROLLER_ARTIFACT = "controller"
 FEATURES_ARTIFACT = "features"  # known samples' features (parquet): requests by sample_id skip the VLM
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-TRAINERS = ("train_supervised_controller", "train_two_stage_controller")
+TRAINERS = ("train_supervised_controller", "train_two_stage_controller", "train_grpo_controller", "train_joint_controller")
 # Per-epoch keys -> TensorBoard tags (the seeds' monitoring guide: Train/Loss, Val/Budget_Violation_Rate, ...).
 _TB_SIDES = {"train_": "Train", "val_": "Val"}
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from core.control.data import load_controller_data
@@ -26,11 +27,17 @@ from core.control.evaluation import (
     suite_features,
     yardstick_decisions,
 )
+from core.control.grpo import BEST_FILE, LAST_FILE, GRPOConfig, replay_noise_ratios, train_grpo
+from core.control.grpo import TRAINING_RECORD_KEYS as GRPO_TRAINING_KEYS
+from core.control.grpo import VALIDATION_RECORD_KEYS as GRPO_VALIDATION_KEYS
+from core.control.live import LiveRollouts
 from core.control.measured import check_measured_table
+from core.control.policies import ControllerNet
 from core.control.policies import knob_options
 from core.control.supervised import (
     TRAINING_RECORD_KEYS,
     VALIDATION_RECORD_KEYS,
+    TrainedController,
     TrainingConfig,
     controller_arrays,
     fit_rule,
@@ -47,7 +54,7 @@ from tracking.epoch_logging import EpochLogger, epoch_callback
 from tracking.estimator_refs import resolve_estimator
 from tracking.model_refs import resolve_base_model_dir
 from tracking.registry import Promotion
-from tracking.run_context import set_data_digest
+from tracking.run_context import note_checkpoint, set_data_digest
 
 
 @dataclass
@@ -111,47 +118,107 @@ def score_controller(controller, measured: MeasuredInputs, with_yardsticks: bool
     return evaluate_methods(methods, heldout, setup.l_full, yardsticks["oracle_"])
 
 
-def train_and_register(inputs: TrainingInputs, config: TrainingConfig, latency_quantile: float, output_dir: str,
-                       tensorboard: bool, model_name: str | None, promotion: Promotion,
-                       epoch_hook: EpochHook | None = None) -> dict[str, Any]:
-    """The trainer's run body: rule, training (per-epoch metrics, history CSVs, TensorBoard), held-out
-    scores, the controller logged and registered. The final metrics (with registered_version)."""
+def _fit(inputs: TrainingInputs, train_split: float, seed: int, latency_quantile: float, use_global_view: bool):
+    """Log the inputs; fit the rule on the training samples and the calibration part; the arrays."""
     setup, space = inputs.measured.setup, inputs.measured.backend.space
     options = knob_options(space)
     set_data_digest(frame_digest(inputs.grid))
     mlflow.log_params({**setup.as_params(), "controller_data_samples": len(inputs.samples)})
-    train_rows, _ = split_samples(inputs.samples["sample_id"].astype(str).tolist(), config.train_split, config.seed)
+    train_rows, _ = split_samples(inputs.samples["sample_id"].astype(str).tolist(), train_split, seed)
     rule = fit_rule(inputs.samples, inputs.grid, train_rows, inputs.measured.features, setup.split.calibration,
                     inputs.estimator, options, latency_quantile)
-    arrays = controller_arrays(inputs.samples, inputs.grid, inputs.estimator, rule, options, config.use_global_view)
-    logger = EpochLogger(TRAINING_RECORD_KEYS, VALIDATION_RECORD_KEYS)
+    arrays = controller_arrays(inputs.samples, inputs.grid, inputs.estimator, rule, options, use_global_view)
+    return options, rule, arrays
+
+
+def _train_logged(train: Callable[[Callable[[int, dict], None]], TrainedController], record_keys: tuple[tuple, tuple],
+                  output_dir: str, tensorboard: bool, epoch_hook: EpochHook | None) -> tuple[TrainedController, str | None]:
+    """Run `train(on_epoch)` with per-epoch metrics, history CSVs and (optionally) TensorBoard events."""
+    logger = EpochLogger(*record_keys)
     callbacks = [epoch_callback(logger, epoch_hook)]
-    run_dir = Path(output_dir) / mlflow.active_run().info.run_id
-    writer = TensorBoardWriter(run_dir / "tensorboard") if tensorboard else None
+    writer = TensorBoardWriter(run_directory(output_dir) / "tensorboard") if tensorboard else None
     if writer is not None:
         callbacks.append(writer)
     try:
-        trained = train_controller(arrays, rule, inputs.estimator, options, space.name, setup.l_full, config,
-                                   lambda epoch, record: [c(epoch, record) for c in callbacks])
+        trained = train(lambda epoch, record: [c(epoch, record) for c in callbacks])
     finally:
         logger.close()
         if writer is not None:
             writer.close()
+    return trained, (str(writer.log_dir) if writer is not None else None)
+
+
+def run_directory(output_dir: str) -> Path:
+    """<output_dir>/<active run id>/: the controller, checkpoints, TensorBoard events."""
+    return Path(output_dir) / mlflow.active_run().info.run_id
+
+
+def _finish(trained: TrainedController, inputs: TrainingInputs, config: dict, extra_params: dict, output_dir: str,
+            tensorboard_dir: str | None, model_name: str | None, promotion: Promotion) -> dict[str, Any]:
+    """Log the rule and the split, score on the held-out runs, save, log and register the controller."""
     controller = trained.controller
-    mlflow.log_params({**describe_rule(controller), "calibration_runs": rule.calibration_runs, "best_epoch": trained.best_epoch})
+    mlflow.log_params({**describe_rule(controller), **extra_params, "best_epoch": trained.best_epoch})
     log_json({"train": trained.train_ids, "val": trained.val_ids}, "split/controller_data_split.json")
-    log_json(asdict(config), "training_config.json")
+    log_json(config, "training_config.json")
     evaluation = score_controller(controller, inputs.measured, with_yardsticks=False)
     metrics = {k: v for k, v in evaluation.metrics.items() if math.isfinite(v)}
     mlflow.log_metrics(metrics)
     log_csv(evaluation.rows, "evaluation/decisions.csv")
-    controller.save(run_dir / "controller")
+    controller.save(run_directory(output_dir) / "controller")
     version = log_budget_controller(controller, inputs.measured.features, inputs.measured.base_vlm_dir, model_name, promotion)
     out: dict[str, Any] = {**metrics, "best_epoch": trained.best_epoch, "latency_factor": controller.latency_factor}
-    if writer is not None:
-        out["tensorboard_dir"] = str(writer.log_dir)
+    if tensorboard_dir is not None:
+        out["tensorboard_dir"] = tensorboard_dir
     if version is not None:
         out["registered_version"] = float(version)
+    return out
+
+
+def train_and_register(inputs: TrainingInputs, config: TrainingConfig, latency_quantile: float, output_dir: str,
+                       tensorboard: bool, model_name: str | None, promotion: Promotion,
+                       epoch_hook: EpochHook | None = None) -> dict[str, Any]:
+    """The supervised trainers' run body: rule, training (per-epoch metrics, history CSVs, TensorBoard),
+    held-out scores, the controller logged and registered. The final metrics (with registered_version)."""
+    options, rule, arrays = _fit(inputs, config.train_split, config.seed, latency_quantile, config.use_global_view)
+    space, l_full = inputs.measured.backend.space, inputs.measured.setup.l_full
+    trained, tensorboard_dir = _train_logged(
+        lambda on_epoch: train_controller(arrays, rule, inputs.estimator, options, space.name, l_full, config, on_epoch),
+        (TRAINING_RECORD_KEYS, VALIDATION_RECORD_KEYS), output_dir, tensorboard, epoch_hook)
+    return _finish(trained, inputs, asdict(config), {"calibration_runs": rule.calibration_runs}, output_dir,
+                   tensorboard_dir, model_name, promotion)
+
+
+def train_grpo_and_register(inputs: TrainingInputs, config: GRPOConfig, latency_quantile: float, output_dir: str,
+                            tensorboard: bool, model_name: str | None, promotion: Promotion, reward_source: str,
+                            stage1: ControllerNet | None = None, resume_dir: str = "",
+                            epoch_hook: EpochHook | None = None) -> dict[str, Any]:
+    """The GRPO trainers' run body: as `train_and_register`, with rollouts from `reward_source` (replay:
+    the grid and the estimator times the calibration runs' spread; live: the base VLM answers), best.pt,
+    last.pt and epoch checkpoints under <output_dir>/<run id>/checkpoints, `resume_dir` continued."""
+    options, rule, arrays = _fit(inputs, config.train_split, config.seed, latency_quantile, config.use_global_view)
+    setup, space = inputs.measured.setup, inputs.measured.backend.space
+    noise = replay_noise_ratios(inputs.measured.features, setup.split.calibration, inputs.estimator, rule, options)
+    mlflow.log_params({"reward_source": reward_source, "replay_noise_runs": len(noise),
+                       "replay_noise_p50": round(float(np.median(noise)), 6),
+                       "replay_noise_p97": round(float(np.quantile(noise, 0.97)), 6)})
+    source = None
+    if reward_source == "live":
+        backend = inputs.measured.backend
+        source = lambda train: LiveRollouts(backend, train.sample_ids, options)  # noqa: E731
+    checkpoints = run_directory(output_dir) / "checkpoints"
+    note_checkpoint(checkpoints, f"rerun with -P resume_dir={checkpoints} to resume")
+    trained, tensorboard_dir = _train_logged(
+        lambda on_epoch: train_grpo(arrays, rule, inputs.estimator, options, space.name, setup.l_full, noise, config,
+                                    source, stage1, on_epoch, checkpoints, Path(resume_dir) if resume_dir else None),
+        (GRPO_TRAINING_KEYS, GRPO_VALIDATION_KEYS), output_dir, tensorboard, epoch_hook)
+    for name in (BEST_FILE, LAST_FILE):
+        if (checkpoints / name).is_file():
+            mlflow.log_artifact(str(checkpoints / name), "checkpoints")
+    out = _finish(trained, inputs, config.as_dict(), {"calibration_runs": rule.calibration_runs}, output_dir,
+                  tensorboard_dir, model_name, promotion)
+    best = next((r for r in trained.history if r["epoch"] == trained.best_epoch), None)
+    if best is not None:  # the kept weights' validation reward: what `tune` maximises
+        out["val_reward_mean"] = best["val_reward_mean"]
     return out
 
 

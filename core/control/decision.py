@@ -12,6 +12,8 @@ vision_tokens_<tier>, q_emb_*, gv_*) and a budget B in ms. The controller
      estimator's P90 of T_total, times `latency_factor`;
   3. picks the most likely config whose calibrated latency fits B; if none fits, the config of lowest
      calibrated latency, with fits=False (the request is answered either way).
+     A two-stage controller with a stage-2 net (stage 2 by GRPO, or the joint controller) ranks within
+     the tier stage 1 picked by the stage-2 heads' log-probs for that tier instead of the prior.
 
 Calibration (`calibrate_factor`). On the calibration part of the measured table, each measured
 per-run T_total is divided by the estimator's P90 at the same (sample, config), computed exactly as at
@@ -52,7 +54,7 @@ from core.latency.estimator import LatencyEstimator
 
 CHECKPOINT_FORMAT = "budget-controller/1"
 CONTROLLER_FILE, ESTIMATOR_FILE = "controller.pt", "estimator.pt"
-CONTROLLER_KINDS = ("supervised", "two_stage")
+CONTROLLER_KINDS = ("supervised", "two_stage", "grpo", "joint")
 QUESTION_PREFIX, GLOBAL_VIEW_PREFIX = "q_emb_", "gv_"
 _NUMPY_MAX_REQUESTS = 64  # below this the net runs in numpy (torch's per-op dispatch dominates small batches)
 _LATENCY_CACHE_SIZE = 4096  # distinct request sizes kept for single-request decisions
@@ -244,13 +246,34 @@ def choose(score: np.ndarray, upper_ms: np.ndarray, budget_ms: np.ndarray) -> tu
     return np.where(fits, best_fitting, np.argmin(upper_ms, axis=1)), fits
 
 
+def pick_tier(tier_log_prob: np.ndarray, fitting: np.ndarray, tier_index: np.ndarray) -> np.ndarray:
+    """Per row, the most likely tier that has a fitting config (rows where none fits: any)."""
+    tier_fits = np.stack([fitting[:, tier_index == t].any(axis=1) for t in range(tier_log_prob.shape[1])], axis=1)
+    return np.argmax(np.where(tier_fits, tier_log_prob, -np.inf), axis=1)
+
+
+def choose_two_stage(tier_log_prob: np.ndarray, top_k_log_prob: np.ndarray, blocks_log_prob: np.ndarray,
+                     upper_ms: np.ndarray, budget_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1 + 2's rule: the most likely tier that has a fitting config, then within it the fitting
+    config of highest stage-2 log-prob (top_k and blocks heads of that tier, (N, tiers, options) each).
+    Falls back like `choose`."""
+    n, n_tiers, n_k = top_k_log_prob.shape
+    n_b = blocks_log_prob.shape[2]
+    tier_index = np.repeat(np.arange(n_tiers), n_k * n_b)
+    fitting = upper_ms <= np.asarray(budget_ms, dtype=np.float64)[:, None]
+    tier = pick_tier(tier_log_prob, fitting, tier_index)
+    score = (top_k_log_prob[:, :, :, None] + blocks_log_prob[:, :, None, :]).reshape(n, -1)
+    in_tier = fitting & (tier_index[None, :] == tier[:, None])
+    fits = fitting.any(axis=1)
+    return np.where(fits, np.argmax(np.where(in_tier, score, -np.inf), axis=1), np.argmin(upper_ms, axis=1)), fits
+
+
 def choose_tier_then_prior(tier_log_prob: np.ndarray, prior_accuracy: np.ndarray, tier_index: np.ndarray,
                            upper_ms: np.ndarray, budget_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stage 1's rule: the most likely tier that has a fitting config, then within it the fitting config
     of highest `prior_accuracy` (ties to the faster). Falls back like `choose`."""
     fitting = upper_ms <= np.asarray(budget_ms, dtype=np.float64)[:, None]
-    tier_fits = np.stack([fitting[:, tier_index == t].any(axis=1) for t in range(tier_log_prob.shape[1])], axis=1)
-    tier = np.argmax(np.where(tier_fits, tier_log_prob, -np.inf), axis=1)
+    tier = pick_tier(tier_log_prob, fitting, tier_index)
     # Accuracies rounded to _TIE_DECIMALS dominate; the latency term (< 1e-10) only breaks their ties.
     key = np.round(prior_accuracy, _TIE_DECIMALS)[None, :] - upper_ms * 1e-12
     in_tier = fitting & (tier_index[None, :] == tier[:, None])
@@ -271,6 +294,7 @@ class LearnedController:
     latency_quantile: float
     output_length: OutputLengthModel
     prior_accuracy: np.ndarray  # (configs,) mean accuracy per config on the controller data
+    stage2: ControllerNet | None = None  # a two-stage controller's per-tier top_k / blocks net, if trained
 
     @property
     def options(self) -> dict[str, list]:
@@ -302,20 +326,19 @@ class LearnedController:
         return self.uncalibrated_upper_ms(requests) * self.latency_factor
 
     def log_probs(self, requests: pd.DataFrame, budget_ms: np.ndarray) -> dict[str, np.ndarray]:
-        """{knob: (N, options) log-probs} of the net's heads for `requests` at `budget_ms` (N,)."""
+        """{knob: (N, options) log-probs} of the net's heads for `requests` at `budget_ms` (N,); with a
+        stage-2 net, its top_k and blocks heads as (N, tiers, options)."""
         q_columns, gv_columns = self._columns(requests)
         gv = requests[gv_columns].to_numpy(np.float32) if gv_columns else None
-        return self._log_probs(requests[q_columns].to_numpy(np.float32), gv, budget_ms)
+        return self.head_log_probs(requests[q_columns].to_numpy(np.float32), gv, budget_ms)
 
-    @torch.inference_mode()
-    def _log_probs(self, question: np.ndarray, gv: np.ndarray | None, budget_ms: np.ndarray) -> dict[str, np.ndarray]:
-        self.net.eval()
+    def head_log_probs(self, question: np.ndarray, gv: np.ndarray | None, budget_ms: np.ndarray) -> dict[str, np.ndarray]:
+        """`log_probs` on arrays: (N, q) question, (N, g) global-view features (None if unused), (N,) budgets."""
         fraction = np.asarray(budget_ms, dtype=np.float32) / self.l_full_ms
-        if len(question) <= _NUMPY_MAX_REQUESTS:
-            logits = self.net.forward_numpy(fraction, np.hstack([question, gv]) if self.net.uses_global_view else question)
-            return {k: v - np.logaddexp.reduce(v, axis=1, keepdims=True) for k, v in logits.items()}
-        out = self.net(torch.as_tensor(fraction), self.net.inputs(question, gv))
-        return {k: torch.log_softmax(v, dim=1).numpy() for k, v in out.items()}
+        out = _net_log_probs(self.net, question, gv, fraction)
+        if self.stage2 is not None:
+            out.update(_net_log_probs(self.stage2, question, gv, fraction))
+        return out
 
     def _uncalibrated_upper(self, sizes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The estimator's P90 per config; a single request's is cached by its sizes and length (the
@@ -332,6 +355,8 @@ class LearnedController:
 
     def choose(self, log_probs: dict[str, np.ndarray], upper_ms: np.ndarray, budget_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rule on precomputed heads and latencies: (config indices (N,), fits (N,))."""
+        if "tier" in log_probs and log_probs.get("top_k", np.zeros((0, 0))).ndim == 3:
+            return choose_two_stage(log_probs["tier"], log_probs["top_k"], log_probs["num_active_blocks"], upper_ms, budget_ms)
         if tuple(log_probs) == ("tier",):
             tier_index = grid_arrays(self.options)["tier_index"]
             return choose_tier_then_prior(log_probs["tier"], self.prior_accuracy, tier_index, upper_ms, budget_ms)
@@ -358,7 +383,7 @@ class LearnedController:
         `request_columns()` order, (N,) budgets -> (config indices into the grid, fits, calibrated T_total of
         the pick). The per-request path of a server that keeps features as arrays."""
         upper = self._uncalibrated_upper(sizes, self.output_length.predict(question)) * self.latency_factor
-        index, fits = self.choose(self._log_probs(question, global_view, budget_ms), upper, budget_ms)
+        index, fits = self.choose(self.head_log_probs(question, global_view, budget_ms), upper, budget_ms)
         return index, fits, upper[np.arange(len(index)), index]
 
     # persistence ---------------------------------------------------------------------------------
@@ -370,6 +395,9 @@ class LearnedController:
             "format": CHECKPOINT_FORMAT, "kind": self.kind, "space_name": self.space_name,
             "config": self.net.config.as_dict(),
             "state_dict": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+            **({} if self.stage2 is None else {
+                "stage2_config": self.stage2.config.as_dict(),
+                "stage2_state_dict": {k: v.detach().cpu().clone() for k, v in self.stage2.state_dict().items()}}),
             # JSON text: torch's weights_only loader takes plain containers, numpy arrays it does not
             "rule": json.dumps({"l_full_ms": self.l_full_ms, "latency_factor": self.latency_factor,
                                 "latency_quantile": self.latency_quantile, "output_length": self.output_length.as_dict(),
@@ -389,11 +417,16 @@ class LearnedController:
             raise ControllerError(f"controller checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
         net = build_net(ControllerConfig.from_dict(saved["config"]))
         net.load_state_dict(saved["state_dict"])
+        stage2 = None
+        if "stage2_config" in saved:
+            stage2 = build_net(ControllerConfig.from_dict(saved["stage2_config"]))
+            stage2.load_state_dict(saved["stage2_state_dict"])
+            stage2.eval()
         rule = json.loads(saved["rule"])
         return cls(net.eval(), saved["kind"], saved["space_name"], float(rule["l_full_ms"]),
                    LatencyEstimator.load(Path(directory) / ESTIMATOR_FILE), float(rule["latency_factor"]),
                    float(rule["latency_quantile"]), OutputLengthModel.from_dict(rule["output_length"]),
-                   np.asarray(rule["prior_accuracy"], dtype=np.float64))
+                   np.asarray(rule["prior_accuracy"], dtype=np.float64), stage2)
 
 
 def describe_rule(controller: LearnedController) -> dict[str, object]:
@@ -401,5 +434,20 @@ def describe_rule(controller: LearnedController) -> dict[str, object]:
     return {"latency_quantile": controller.latency_quantile, "latency_factor": round(controller.latency_factor, 6),
             "latency_base": "estimator P90 of T_total at the predicted answer length",
             "l_full_ms": round(controller.l_full_ms, 6), "controller_kind": controller.kind,
-            "rule": "tier log-prob, then prior accuracy" if tuple(controller.net.config.heads) == ("tier",)
-            else "joint log-prob (sum of heads)"}
+            "rule": ("tier log-prob, then stage-2 log-prob within the tier" if controller.stage2 is not None
+                     else "tier log-prob, then prior accuracy" if tuple(controller.net.config.heads) == ("tier",)
+                     else "joint log-prob (sum of heads)")}
+
+
+@torch.inference_mode()
+def _net_log_probs(net: ControllerNet, question: np.ndarray, gv: np.ndarray | None,
+                   fraction: np.ndarray) -> dict[str, np.ndarray]:
+    """{head: log-probs} of one net in eval mode: (N, options), or (N, tiers, options) for per-tier heads."""
+    net.eval()
+    if len(question) <= _NUMPY_MAX_REQUESTS:
+        logits = net.forward_numpy(fraction, np.hstack([question, gv]) if net.uses_global_view else question)
+    else:
+        logits = {k: v.numpy() for k, v in net(torch.as_tensor(fraction), net.inputs(question, gv)).items()}
+    if net.config.per_tier:
+        logits = {k: v.reshape(len(v), len(TIERS), -1) for k, v in logits.items()}
+    return {k: v - np.logaddexp.reduce(v, axis=-1, keepdims=True) for k, v in logits.items()}

@@ -6,6 +6,8 @@
                          one head per knob: tier (3), top_k (5), num_active_blocks (5), each over the
                          knob space's options in order (TIERS, top_k_options, block_options)
   TierControllerNet      the stage-1 net of the two-stage controller: the same inputs, the tier head alone
+  stage-2 net            a ControllerNet with per-tier top_k and blocks heads (`per_tier`): one set of
+                         logits per tier, the one of the tier stage 1 picked applies
 
 The inputs are what is known before the tiles are encoded: the question's pooled token embeddings
 (`q_emb_*`) and the pooled global view (`gv_*`, which every tier encodes anyway). The feature scalers
@@ -37,6 +39,9 @@ class ControllerConfig:
     budget_dim: int = 32  # width of the budget encoding
     dropout: float = 0.1
     heads: tuple[str, ...] = KNOBS  # ("tier",) for the stage-1 net
+    # Stage 2 of the two-stage controller: each head gives one set of logits per tier (the tier stage 1
+    # picked selects its set), so top_k and blocks are conditioned on the tier.
+    per_tier: bool = False
     options: dict[str, list] = field(default_factory=dict)  # knob -> its options, in the space's order
 
     def as_dict(self) -> dict:
@@ -92,7 +97,8 @@ class ControllerNet(nn.Module):
             layers += [nn.Linear(width_in, config.hidden_width), nn.SiLU(), nn.Dropout(config.dropout)]
             width_in = config.hidden_width
         self.trunk = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({k: nn.Linear(width_in, len(config.options[k])) for k in config.heads})
+        sets = len(TIERS) if config.per_tier else 1
+        self.heads = nn.ModuleDict({k: nn.Linear(width_in, sets * len(config.options[k])) for k in config.heads})
 
     @property
     def uses_global_view(self) -> bool:
@@ -162,6 +168,16 @@ class TierControllerNet(ControllerNet):
     def __init__(self, config: ControllerConfig) -> None:
         config.heads = ("tier",)
         super().__init__(config)
+
+
+STAGE2_HEADS: tuple[str, ...] = ("top_k", "num_active_blocks")
+
+
+def stage2_config(stage1: ControllerConfig, hidden_width: int | None = None) -> ControllerConfig:
+    """The stage-2 net of a two-stage controller: stage 1's inputs, per-tier top_k and blocks heads."""
+    values = stage1.as_dict()
+    values.update(heads=STAGE2_HEADS, per_tier=True, hidden_width=hidden_width or stage1.hidden_width)
+    return ControllerConfig.from_dict(values)
 
 
 def build_net(config: ControllerConfig) -> ControllerNet:
