@@ -207,6 +207,11 @@ def check_steps(params: Params) -> None:
     earlier steps had run and registered): typed as the step's Params, then its `check`; a step with no
     `check` that needs nothing from earlier steps (or from the registry they change) runs its `prepare`.
     ParameterError naming the step otherwise."""
+    runs_controllers = any(step.name == "controller_data" for step in steps_for(params))
+    if runs_controllers and not params.controller_table and params.profile_samples < 2:
+        # the controllers are scored on the profile step's table, split by sample into calibration and held-out
+        raise ParameterError(f"parameter profile_samples={params.profile_samples}: with controller_table='' the "
+                             "controllers are scored on the profile step's table, whose 70/30 split needs >= 2 samples per data set")
     for step in steps_for(params):
         entry, earlier = catalog.load(step.entry_point), _EarlierRuns()
         fields = {f.name: f for f in dataclasses.fields(entry.params)}
