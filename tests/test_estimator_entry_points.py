@@ -248,7 +248,12 @@ def test_pipeline_controllers_follow_the_estimator_and_promote_under_the_adheren
     for name, key in (("supervised_controller", "profiling_results"), ("two_stage_controller", "results_dir")):
         trainer = steps[name].parameters(done)
         assert trainer[key] == data["output_dir"] and trainer["estimator"] == "e" * 32
-        assert trainer["measured_table"] == "data/profiles/cpu-base-vlm"
+        # scored on the profile step's table unless another measured table is named
+        assert trainer["measured_table"] == pipeline.Params().profile_results_dir
+    named = {s.name: s for s in pipeline.steps_for(pipeline.Params(base_checkpoint=str(checkpoint),
+                                                                   controller_table="data/profiles/other"))}
+    for name in ("supervised_controller", "two_stage_controller", "evaluate_controller"):
+        assert named[name].parameters(done)["measured_table"] == "data/profiles/other"
     promote = steps["promote_controller"]
     assert not promote.reusable and promote.parameters(done) == {"model_name": "budget-controller",
                                                                  "require": "test_adherence_min>=0.97"}
