@@ -27,7 +27,7 @@ from core.control.evaluation import (
     suite_features,
     yardstick_decisions,
 )
-from core.control.grpo import BEST_FILE, LAST_FILE, GRPOConfig, replay_noise_ratios, train_grpo
+from core.control.grpo import BEST_FILE, LAST_FILE, GRPOConfig, train_grpo
 from core.control.grpo import TRAINING_RECORD_KEYS as GRPO_TRAINING_KEYS
 from core.control.grpo import VALIDATION_RECORD_KEYS as GRPO_VALIDATION_KEYS
 from core.control.live import LiveRollouts
@@ -197,7 +197,7 @@ def train_grpo_and_register(inputs: TrainingInputs, config: GRPOConfig, latency_
     last.pt and epoch checkpoints under <output_dir>/<run id>/checkpoints, `resume_dir` continued."""
     options, rule, arrays = _fit(inputs, config.train_split, config.seed, latency_quantile, config.use_global_view)
     setup, space = inputs.measured.setup, inputs.measured.backend.space
-    noise = replay_noise_ratios(inputs.measured.features, setup.split.calibration, inputs.estimator, rule, options)
+    noise = rule.median_ratios
     mlflow.log_params({"reward_source": reward_source, "replay_noise_runs": len(noise),
                        "replay_noise_p50": round(float(np.median(noise)), 6),
                        "replay_noise_p97": round(float(np.quantile(noise, 0.97)), 6)})

@@ -46,17 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.control.budgets import TRAIN_FRACTION_RANGE
-import pandas as pd
-
-from core.control.decision import (
-    QUESTION_PREFIX,
-    ControllerError,
-    LearnedController,
-    calibration_ratios,
-    feature_columns,
-    pick_tier,
-    predicted_latency_ms,
-)
+from core.control.decision import ControllerError, LearnedController, pick_tier
 from core.control.policies import ControllerConfig, ControllerNet, TierControllerNet, build_net, stage2_config
 from core.control.reward import Reward, RewardConfig
 from core.control.supervised import ControllerArrays, Rule, TrainedController, split_samples
@@ -206,21 +196,6 @@ class RolloutSource(Protocol):
         """rows (N,) into the training arrays, configs (N, G) grid indices -> (accuracy, T_total_ms), (N, G) each."""
 
 
-def replay_noise_ratios(features: pd.DataFrame, calibration: pd.DataFrame, estimator: LatencyEstimator, rule: Rule,
-                        options: dict[str, list]) -> np.ndarray:
-    """Measured per-run T_total of the calibration runs over the estimator's median at the same (sample,
-    config), at the rule's predicted answer length: the factors replay draws its noise from."""
-    ids = calibration["sample_id"].astype(str).unique().tolist()
-    known = features.assign(sample_id=features["sample_id"].astype(str)).drop_duplicates("sample_id").set_index("sample_id")
-    absent = [s for s in ids if s not in known.index]
-    if absent:
-        raise ControllerError(f"calibration table: sample {absent[0]} has no features")
-    requests = known.loc[ids].reset_index()
-    lengths = rule.output_length.predict(requests[feature_columns(requests, QUESTION_PREFIX)].to_numpy(np.float64))
-    point = predicted_latency_ms(estimator, requests, lengths, options)[0]
-    return calibration_ratios(point, ids, options, calibration)
-
-
 class ReplayRollouts:
     """Accuracy from the grid; T_total = estimator median x a drawn calibration ratio (module doc)."""
 
@@ -303,7 +278,7 @@ def train_grpo(
     checkpoint_dir: Path | None = None, resume_dir: Path | None = None,
 ) -> TrainedController:
     """Train the policy of `config.policy` by GRPO (module doc). `noise_ratios`: measured / predicted
-    median T_total of the calibration runs (replay's noise, and validation's fixed draws);
+    median T_total of the calibration runs (`Rule.median_ratios`: replay's noise, validation's fixed draws);
     `rollout_source(training arrays)` the rewards' source (default: ReplayRollouts). With `checkpoint_dir`, best.pt
     (by val reward) and every CHECKPOINT_EVERY epochs last.pt are written; `resume_dir` continues from
     its last.pt (same config, else ControllerError). Returns the best-by-val-reward controller."""

@@ -128,6 +128,9 @@ class Rule:
     latency_factor: float
     latency_quantile: float
     calibration_runs: int
+    # measured per-run T_total / the estimator's median at the same (sample, config), calibration runs:
+    # the spread GRPO's replay rollouts draw their noise from
+    median_ratios: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def split_samples(sample_ids: Sequence[str], train_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,9 +159,10 @@ def fit_rule(samples: pd.DataFrame, grid: pd.DataFrame, train_rows: np.ndarray, 
         raise ControllerError(f"calibration table: sample {absent[0]} has no features")
     requests = known.loc[ids].reset_index()
     lengths = length.predict(requests[feature_columns(requests, QUESTION_PREFIX)].to_numpy(np.float64))
-    upper = predicted_latency_ms(estimator, requests, lengths, options)[1]
+    point, upper = predicted_latency_ms(estimator, requests, lengths, options)
     ratios = calibration_ratios(upper, ids, options, calibration)
-    return Rule(length, calibrate_factor(ratios, latency_quantile), latency_quantile, len(ratios))
+    return Rule(length, calibrate_factor(ratios, latency_quantile), latency_quantile, len(ratios),
+                calibration_ratios(point, ids, options, calibration))
 
 
 def controller_arrays(samples: pd.DataFrame, grid: pd.DataFrame, estimator: LatencyEstimator, rule: Rule,
