@@ -28,6 +28,7 @@ MODULES: dict[str, str] = {
     "train_grpo_controller": "entry_points.train_grpo_controller",
     "train_joint_controller": "entry_points.train_joint_controller",
     "evaluate_controller": "entry_points.evaluate_controller",
+    "adaptive_inference": "entry_points.adaptive_inference",
 }
 
 

@@ -33,6 +33,24 @@ def version_by_alias(name: str, alias: str) -> str:
         raise RegistryError(f"registered model {name!r} has no alias {alias!r}") from None
 
 
+def resolved_version(ref: str) -> str:
+    """The registered version a models:/ URI names ('models:/name@alias' or 'models:/name/3'), as
+    'name/version'; '' for a path or a run reference. RegistryError (one line) when it names nothing."""
+    if not ref.startswith("models:/"):
+        return ""
+    name_version = ref[len("models:/"):].strip("/")
+    if "@" in name_version:
+        name, alias = name_version.split("@", 1)
+        return f"{name}/{version_by_alias(name, alias)}"
+    name, _, number = name_version.rpartition("/")
+    require_model(name)
+    try:
+        MlflowClient().get_model_version(name, number)
+    except MlflowException:
+        raise RegistryError(f"registered model {name!r} has no version {number!r}") from None
+    return f"{name}/{number}"
+
+
 @dataclass(frozen=True)
 class Promotion:
     """How a trainer's registered model is compared: its held-out metric and direction.

@@ -271,6 +271,14 @@ class BaseVLM(nn.Module):
 
     def encode_crops(self, crops: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, n_crops, 3, C, C) crops of one grid -> (B, n_crops * tokens_per_crop, d_model) vision tokens."""
+        return self.encode_views(crops, self.layout_ids(grid))
+
+    def encode_views(self, crops: torch.Tensor, layout_ids: torch.Tensor) -> torch.Tensor:
+        """`encode_crops` for any subset of a grid's crops: (B, n, 3, C, C) crops and their (n,) layout ids.
+
+        Each crop is encoded on its own, so the global view (layout id 0, the same crop at every tier)
+        encoded once and the tier's tiles encoded later concatenate to exactly `encode_crops`' tokens.
+        """
         b, n = crops.shape[:2]
         cfg = self.config
         feats = self.vision(pixel_values=crops.reshape(b * n, 3, cfg.crop_px, cfg.crop_px)).last_hidden_state[:, 1:]
@@ -279,7 +287,7 @@ class BaseVLM(nn.Module):
         # Concatenate each p x p neighbourhood of patches into one token (Molmo pools 2x2 patches).
         feats = feats.reshape(b * n, side // p, p, side // p, p, cfg.vision_dim).permute(0, 1, 3, 2, 4, 5)
         tokens = self.token_norm(self.projector(feats.reshape(b * n, cfg.tokens_per_crop, p * p * cfg.vision_dim)))
-        layout = self.layout_embed(self.layout_ids(grid).to(crops.device))  # (n, d)
+        layout = self.layout_embed(layout_ids.to(crops.device))  # (n, d)
         cells = self.cell_embed.weight  # (tokens_per_crop, d), row-major within the crop
         tokens = tokens.reshape(b, n, cfg.tokens_per_crop, cfg.d_model) + layout[None, :, None, :] + cells[None, None]
         return tokens.reshape(b, n * cfg.tokens_per_crop, cfg.d_model)
@@ -395,13 +403,31 @@ class BaseVLM(nn.Module):
         "decode" interval per further token. Returns (generated ids, crops, text tokens).
         """
         clock = clock or StageClock(self.device)
-        eos = self.tokenizer.eos_token_id
         limit = force_output_tokens if force_output_tokens is not None else max_new_tokens
         if limit < 1:
             raise ValueError(f"need at least one output token, got {limit}")
         with clock.stage("vision"):
             crops, grid = self.preprocess(image)
             vision_tokens = self.encode_crops(crops[None].to(self.device), grid)
+        generated, text_tokens = self.generate_from_vision(vision_tokens, question, limit, force_output_tokens, clock)
+        return generated, crops.shape[0] - 1, text_tokens
+
+    @torch.no_grad()
+    def generate_from_vision(
+        self,
+        vision_tokens: torch.Tensor,
+        question: str,
+        limit: int,
+        force_output_tokens: int | None = None,
+        clock: StageClock | None = None,
+    ) -> tuple[list[int], int]:
+        """`generate` after the vision stage: prefill and decode from (1, V, d) vision tokens under the
+        applied decoder knobs (adaptive inference picks top_k and blocks once the vision stage is
+        measured). Returns (generated ids, text tokens)."""
+        clock = clock or StageClock(self.device)
+        eos = self.tokenizer.eos_token_id
+        if limit < 1:
+            raise ValueError(f"need at least one output token, got {limit}")
         with clock.stage("prefill"):
             embeds, text_tokens = self._single_prompt(vision_tokens, question)
             cache = DynamicCache(config=self.decoder.config)
@@ -414,7 +440,7 @@ class BaseVLM(nn.Module):
                 out = self.decoder(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 token = int(out.logits[0, -1].argmax())
             generated.append(token)
-        return generated, crops.shape[0] - 1, text_tokens
+        return generated, text_tokens
 
     @torch.no_grad()
     def generate_batch(self, samples: Sequence[VQASample], max_batch: int = 64) -> list[str]:

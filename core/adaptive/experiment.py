@@ -1,0 +1,123 @@
+"""An adaptive-inference run: L_full measured on this machine, then the same requests answered
+adaptively and by the yardsticks, and optionally under contention with calibration on and off.
+
+Order, all batch 1, one request at a time:
+  1. warm-up: `warmup` requests (not scored) at the full config; the median of their wall times is
+     L_full, the full config's measured latency here and now, and budgets are fractions of it (or a
+     fixed `budget_ms`);
+  2. comparison pass, per budget and request: the adaptive answer, then the static full config's, then
+     the lookup table's (a static config per budget, from a measured table's calibration part), back to
+     back, so drift of the machine touches the three alike;
+  3. contention (optional), at one budget: the requests answered twice in the same order, first with
+     online calibration, then with it frozen at the controller's static factor (the ablation); in each
+     pass the first third runs on a quiet machine, the middle third under `CPULoad`, the rest after it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from core.adaptive.calibration import OnlineCalibration
+from core.adaptive.contention import CPULoad
+from core.adaptive.guardrail import Guardrail
+from core.adaptive.inference import AdaptiveInference, answer_static
+from core.control.budgets import budget_percent
+from core.control.decision import LearnedController
+from core.knobs import KnobConfig
+from core.latency.estimator import LatencyEstimator
+from core.vlm.base_vlm import BaseVLMBackend
+from core.vqa.sample import VQASample
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    window: int = 50
+    quantile: float = 0.95
+    method: str = "quantile"
+    min_count: int = 5
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    fractions: tuple[float, ...] = (0.6, 0.8, 1.0)
+    budget_ms: float = 0.0  # > 0: one fixed budget instead of fractions
+    warmup: int = 5
+    guardrail: bool = True
+    calibration: CalibrationSettings = CalibrationSettings()
+    compare: bool = True  # also the static full config and the lookup table on the same requests
+    contention: bool = False
+    contention_fraction: float = 0.8
+    contention_workers: int = 2
+
+
+def measure_l_full(backend: BaseVLMBackend, samples: Sequence[VQASample]) -> float:
+    """Median wall time (ms) of the full config over `samples` (each answered once after a warm-up answer)."""
+    full = backend.space.full()
+    backend.answer(samples[0], full)
+    return statistics.median(answer_static(backend, s, full, 0.0)["T_total_ms"] for s in samples)
+
+
+def _adaptive(backend: BaseVLMBackend, controller: LearnedController, estimator: LatencyEstimator,
+              settings: ExperimentSettings, calibrate: bool) -> AdaptiveInference:
+    c = settings.calibration
+    calibration = OnlineCalibration(controller.latency_factor, c.window, c.quantile, c.method, min_count=c.min_count,
+                                    enabled=calibrate)
+    guardrail = Guardrail(estimator, controller.options, controller.prior_accuracy, enabled=settings.guardrail)
+    return AdaptiveInference(backend, controller, guardrail, calibration)
+
+
+def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estimator: LatencyEstimator,
+                   requests: Sequence[VQASample], warmup: Sequence[VQASample], settings: ExperimentSettings,
+                   lookup: Callable[[float], KnobConfig] | None = None,
+                   on_load: Callable[[str, list[int]], None] | None = None,
+                   progress: bool = True) -> tuple[pd.DataFrame, float]:
+    """(one row per answered request, L_full ms). `lookup(fraction)` gives the lookup table's config;
+    `on_load("start"|"stop", pids)` hears about the background load."""
+    l_full = measure_l_full(backend, warmup)
+    budgets = [(0.0, settings.budget_ms)] if settings.budget_ms > 0 else [(f, f * l_full) for f in settings.fractions]
+    rows: list[dict] = []
+    order = 0
+    session = _adaptive(backend, controller, estimator, settings, calibrate=True)
+    full = backend.space.full()
+    with tqdm(total=len(budgets) * len(requests), desc="adaptive inference", disable=not progress) as bar:
+        for fraction, budget in budgets:
+            for sample in requests:
+                common = {"fraction": fraction, "phase": "all", "calibration": "on"}
+                rows.append({"method": "adaptive", "order": order, **common, **session.answer(sample, budget).as_dict()})
+                if settings.compare:
+                    rows.append({"method": "static_full", "order": order, **common, **answer_static(backend, sample, full, budget)})
+                    if lookup is not None:
+                        rows.append({"method": "lookup", "order": order, **common,
+                                     **answer_static(backend, sample, lookup(fraction), budget)})
+                order += 1
+                bar.update()
+    if settings.contention:
+        budget = settings.contention_fraction * l_full
+        third = max(1, len(requests) // 3)
+        for calibrate in (True, False):
+            session = _adaptive(backend, controller, estimator, settings, calibrate)
+            with CPULoad(settings.contention_workers) as load:
+                for i, sample in enumerate(tqdm(requests, desc=f"contention, calibration {'on' if calibrate else 'off'}",
+                                                disable=not progress)):
+                    if i == third:
+                        load.start()
+                        if on_load:
+                            on_load("start", load.pids)
+                    if i == 2 * third and load.running:
+                        pids = load.pids
+                        load.stop()
+                        if on_load:
+                            on_load("stop", pids)
+                    phase = "before" if i < third else "during" if i < 2 * third else "after"
+                    rows.append({"method": "adaptive", "order": order, "fraction": settings.contention_fraction,
+                                 "phase": phase, "calibration": "on" if calibrate else "off",
+                                 **session.answer(sample, budget).as_dict()})
+                    order += 1
+    frame = pd.DataFrame(rows)
+    frame["budget_percent"] = [budget_percent(f) if f > 0 else "fixed" for f in frame["fraction"]]
+    return frame, l_full

@@ -1,0 +1,176 @@
+"""Adaptive inference on the base VLM: one request at a time, under a latency budget.
+
+For each request (a VQA sample and a budget B in ms), timed from arrival to answer:
+  1. features    the controller's inputs, which the model computes anyway: the question's token
+                 count and mean embedding, the global view encoded once (its tokens are reused by the
+                 vision stage: the global view is the same crop at every tier) and its mean, and each
+                 tier's crop count (from the image size alone);
+  2. decision    the controller's rule on those features, its budget divided by the calibration's
+                 drift (how much slower than the controller's static calibration the machine is now);
+                 the tier it picks is final, its (top_k, blocks) provisional;
+  3. vision      the tier's tiles encoded (measured);
+  4. guardrail   (core.adaptive.guardrail) the provisional (top_k, blocks) must fit what is left of B,
+                 at the calibrated P90; otherwise a step down within the tier;
+  5. generate    prefill and decode under the final config (measured per stage);
+  6. calibration the measured / predicted ratio of each stage updates the online factors.
+The request's T_total_ms is the wall time of all six; overhead_ms is steps 2, 4 and 6 (the work that
+exists only because the platform adapts).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from core.adaptive.calibration import OnlineCalibration
+from core.adaptive.guardrail import Guardrail
+from core.control.decision import LearnedController, grid_arrays
+from core.knobs import TIERS, KnobConfig
+from core.timing import StageClock
+from core.vlm.base_vlm import BaseVLMBackend, apply_knobs
+from core.vlm.knob_application import select_grid
+from core.vqa.metrics import vqa_score
+from core.vqa.sample import VQASample
+
+
+@dataclass
+class AdaptiveAnswer:
+    """One answered request (a row of the run's `requests.csv`)."""
+
+    sample_id: str
+    dataset: str
+    budget_ms: float
+    text: str
+    accuracy: float
+    tier: str
+    top_k: int
+    num_active_blocks: int
+    controller_top_k: int  # the controller's provisional choice before the guardrail
+    controller_num_active_blocks: int
+    intervened: bool
+    fits: bool  # False: no config's calibrated prediction fitted (answered with the fastest)
+    output_tokens: int
+    T_features_ms: float
+    T_decision_ms: float
+    T_vision_ms: float
+    T_guardrail_ms: float
+    T_prefill_ms: float
+    T_decode_ms: float
+    T_calibration_ms: float
+    T_total_ms: float  # wall time from arrival to answer
+    overhead_ms: float  # decision + guardrail + calibration
+    factor_vision: float  # the calibration factors after this request
+    factor_prefill: float
+    factor_decode: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
+
+
+class AdaptiveInference:
+    """Answers requests adaptively (module doc) with a base VLM, a controller, a guardrail and a calibration."""
+
+    def __init__(self, backend: BaseVLMBackend, controller: LearnedController, guardrail: Guardrail,
+                 calibration: OnlineCalibration) -> None:
+        self.backend, self.controller, self.guardrail, self.calibration = backend, controller, guardrail, calibration
+        self.model, self.space = backend.model, backend.space
+        self.grid = grid_arrays(controller.options)
+        self.full = self.space.full()
+
+    def _sync(self) -> None:
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+
+    def _features(self, sample: VQASample) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+        """(1, d) question features, (1, d) global-view features, (7,) request sizes, and the global
+        view's vision tokens (1, tokens_per_crop, d)."""
+        model, space = self.model, self.space
+        ids = model.question_ids(sample.question)
+        embed = model.decoder.model.embed_tokens
+        q = embed(torch.tensor([ids], dtype=torch.long, device=model.device)).mean(1).float().cpu().numpy()
+        with apply_knobs(model, KnobConfig(TIERS[0], self.full.top_k, self.full.num_active_blocks), space,
+                         self.backend.drop_order):
+            crops, _ = model.preprocess(sample.image)
+        glob_tokens = model.encode_views(crops[None, :1].to(model.device), torch.zeros(1, dtype=torch.long))
+        gv = glob_tokens.mean(1).float().cpu().numpy()
+        counts = [select_grid(sample.image.width, sample.image.height, space.max_crops(t)) for t in TIERS]
+        crops_per_tier = [r * c for r, c in counts]
+        sizes = np.array([len(ids) + 2, *crops_per_tier, *((n + 1) * space.tokens_per_crop for n in crops_per_tier)],
+                         dtype=np.float64)
+        return q, gv, sizes, glob_tokens
+
+    def _config(self, index: int) -> KnobConfig:
+        return KnobConfig(str(self.grid["tier"][index]), int(self.grid["top_k"][index]),
+                          int(self.grid["num_active_blocks"][index]))
+
+    @torch.inference_mode()
+    def answer(self, sample: VQASample, budget_ms: float) -> AdaptiveAnswer:
+        model, controller = self.model, self.controller
+        start = time.perf_counter()
+        q, gv, sizes, glob_tokens = self._features(sample)
+        self._sync()
+        t_features = _ms(start)
+
+        t = time.perf_counter()
+        p90 = self.guardrail.stage_p90(sizes)
+        length = int(controller.output_length.predict(q)[0])
+        drift = self.calibration.drift({"vision": float(p90[:, 0].mean()), "prefill": float(p90[:, 1].mean()),
+                                        "decode": float(p90[:, 2].mean()) * max(length - 1, 0)})
+        index, _, _ = controller.decide_arrays(q, gv if controller.net.uses_global_view else None, sizes[None],
+                                               np.array([budget_ms / drift]))
+        first = self._config(int(index[0]))
+        t_decision = _ms(t)
+
+        clock = StageClock(self.backend.device)
+        with clock.stage("vision"), apply_knobs(model, KnobConfig(first.tier, self.full.top_k, self.full.num_active_blocks),
+                                                self.space, self.backend.drop_order):
+            crops, grid = model.preprocess(sample.image)
+            tiles = model.encode_views(crops[None, 1:].to(model.device), model.layout_ids(grid)[1:])
+            vision_tokens = torch.cat([glob_tokens, tiles], dim=1)
+        self._sync()
+
+        t = time.perf_counter()
+        factors = self.calibration.factors()
+        decision = self.guardrail.check(int(index[0]), p90, length - 1, factors, budget_ms - _ms(start))
+        final = self._config(decision.index)
+        t_guardrail = _ms(t)
+
+        limit = sample.max_new_tokens
+        with apply_knobs(model, final, self.space, self.backend.drop_order):
+            generated, _ = model.generate_from_vision(vision_tokens, sample.question, limit, clock=clock)
+        stages = clock.durations_ms()
+        eos = model.tokenizer.eos_token_id
+        text = model.decode(generated[: generated.index(eos)] if eos in generated else generated)
+
+        t = time.perf_counter()
+        measured = {"vision": sum(stages["vision"]), "prefill": sum(stages["prefill"]), "decode": sum(stages.get("decode", []))}
+        forwards = max(len(generated) - 1, 0)
+        self.calibration.update(measured, {"vision": float(p90[decision.index, 0]), "prefill": float(p90[decision.index, 1]),
+                                           "decode": float(p90[decision.index, 2]) * forwards})
+        t_calibration = _ms(t)
+        total = _ms(start)
+        after = self.calibration.factors()
+        return AdaptiveAnswer(
+            sample.sample_id, sample.dataset, float(budget_ms), text, vqa_score(text, sample.answers), final.tier,
+            final.top_k, final.num_active_blocks, first.top_k, first.num_active_blocks, decision.intervened,
+            decision.fits, len(generated), t_features, t_decision, measured["vision"], t_guardrail, measured["prefill"],
+            measured["decode"], t_calibration, total, t_decision + t_guardrail + t_calibration,
+            after["vision"], after["prefill"], after["decode"])
+
+
+def answer_static(backend: BaseVLMBackend, sample: VQASample, config: KnobConfig, budget_ms: float) -> dict[str, object]:
+    """A yardstick's answer (a fixed config) to the same request, timed the same way (wall time)."""
+    start = time.perf_counter()
+    result = backend.answer(sample, config)
+    total = _ms(start)
+    return {"sample_id": sample.sample_id, "dataset": sample.dataset, "budget_ms": float(budget_ms), "text": result.text,
+            "accuracy": vqa_score(result.text, sample.answers), **config.as_dict(), "output_tokens": result.output_tokens,
+            "T_vision_ms": result.T_vision_ms, "T_prefill_ms": result.T_prefill_ms, "T_decode_ms": result.T_decode_ms,
+            "T_total_ms": total}

@@ -1,0 +1,63 @@
+"""What an adaptive-inference run reports, from its per-request rows.
+
+Rows (one per answered request) carry: method ("adaptive", "static_full", "lookup"), fraction (the
+budget as a share of the measured L_full), phase ("all", or "before" / "during" / "after" the
+background load), calibration ("on" / "off"), dataset, accuracy, T_total_ms, budget_ms and, for the
+adaptive method, intervened, fits and overhead_ms.
+
+Metric names, per method m, budget percent p ("fixed" for a budget in ms) and phase:
+  <m>_accuracy_at_<p>, <m>_adherence_at_<p> (share of requests with T_total_ms <= budget_ms),
+  <m>_latency_p50_ms_at_<p> / _p95_ / _p99_; for the adaptive method also
+  adaptive_interventions_at_<p> (guardrail step-downs per request), adaptive_unfit_at_<p>, and over the
+  whole run adaptive_overhead_ms_mean / _p99;
+  contention runs: contention_<calibration>_<metric>_<phase> (e.g. contention_on_adherence_during).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from core.knobs import KNOBS
+
+PHASES: tuple[str, ...] = ("before", "during", "after")
+
+
+def _figures(part: pd.DataFrame) -> dict[str, float]:
+    latency = part["T_total_ms"].to_numpy(dtype=np.float64)
+    return {"accuracy": float(part["accuracy"].mean()),
+            "adherence": float((part["T_total_ms"] <= part["budget_ms"]).mean()),
+            "latency_p50_ms": float(np.percentile(latency, 50)), "latency_p95_ms": float(np.percentile(latency, 95)),
+            "latency_p99_ms": float(np.percentile(latency, 99))}
+
+
+def budget_metrics(rows: pd.DataFrame) -> dict[str, float]:
+    """Per method and budget percent (rows of phase "all")."""
+    out: dict[str, float] = {}
+    for (method, p), part in rows[rows["phase"] == "all"].groupby(["method", "budget_percent"], sort=True):
+        out.update({f"{method}_{name}_at_{p}": value for name, value in _figures(part).items()})
+        if method == "adaptive":
+            out[f"adaptive_interventions_at_{p}"] = float(part["intervened"].mean())
+            out[f"adaptive_unfit_at_{p}"] = float((~part["fits"].astype(bool)).mean())
+    adaptive = rows[rows["method"] == "adaptive"]
+    if len(adaptive):
+        out["adaptive_overhead_ms_mean"] = float(adaptive["overhead_ms"].mean())
+        out["adaptive_overhead_ms_p99"] = float(np.percentile(adaptive["overhead_ms"], 99))
+    return out
+
+
+def contention_metrics(rows: pd.DataFrame) -> dict[str, float]:
+    """Per calibration setting and phase of the contention passes."""
+    out: dict[str, float] = {}
+    for (calibration, phase), part in rows[rows["phase"].isin(PHASES)].groupby(["calibration", "phase"]):
+        out.update({f"contention_{calibration}_{name}_{phase}": value for name, value in _figures(part).items()})
+        out[f"contention_{calibration}_interventions_{phase}"] = float(part["intervened"].mean())
+    return out
+
+
+def knob_distribution(rows: pd.DataFrame) -> pd.DataFrame:
+    """Share of each (tier, top_k, blocks) per method, budget fraction and data set (phase "all")."""
+    part = rows[rows["phase"] == "all"]
+    counts = part.groupby(["method", "fraction", "dataset", *KNOBS]).size().rename("requests").reset_index()
+    totals = counts.groupby(["method", "fraction", "dataset"])["requests"].transform("sum")
+    return counts.assign(share=counts["requests"] / totals)
