@@ -224,3 +224,39 @@ def test_bad_input_is_one_line_and_no_run(extra, expected, tracking_store, contr
     assert len(err) == 1 and expected in err[0], err
     client = MlflowClient()
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+# --- the served endpoint ---------------------------------------------------------------------------
+def test_the_served_adaptive_vlm_answers_json_requests_and_refuses_bad_ones_in_one_line(
+        tracking_store, subprocess_env, controller_dir, estimator_file, tmp_path):
+    import mlflow
+
+    from tracking.adaptive_model import MODEL_NAME, log_adaptive_vlm
+    from tracking.pyfunc_models import encode_image
+    from tracking.serving import ModelServer
+
+    sample = make_sample("synth_textvqa", "test", 1)
+    example = pd.DataFrame({"image": [encode_image(sample.image)], "question": [sample.question], "budget_ms": [1e4]})
+    with mlflow.start_run():
+        version = log_adaptive_vlm(BASE_VLM_DIR, controller_dir, estimator_file,
+                                   {"base_model": "base-vlm/7", "controller": "budget-controller/3", "estimator": "path"},
+                                   example, register=True)
+    tags = MlflowClient().get_model_version(MODEL_NAME, str(version)).tags
+    assert tags["base_model_version"] == "base-vlm/7" and tags["estimator_version"] == "path"
+
+    with ModelServer(f"models:/{MODEL_NAME}@champion", tmp_path / "server.log", env=subprocess_env) as server:
+        status, body = server.invoke(pd.concat([example, example.assign(budget_ms=1e-3)], ignore_index=True))
+        assert status == 200, body
+        answers = pd.DataFrame(body["predictions"])
+        backend = BaseVLMBackend.from_pretrained(BASE_VLM_DIR)
+        first = answers.iloc[0]
+        assert first["answer"] == backend.answer(sample, KnobConfig(first["tier"], int(first["top_k"]),
+                                                                    int(first["num_active_blocks"]))).text
+        assert answers["fits"].tolist() == [True, False] and (answers["T_total_ms"] > 0).all()
+        assert {"T_vision_ms", "T_prefill_ms", "T_decode_ms", "guardrail_intervened"} <= set(answers.columns)
+        for bad, field in ((example.assign(image=""), "field image missing"), (example.assign(budget_ms=0.0), "field budget_ms"),
+                           (example.assign(image="bm90IGFuIGltYWdl"), "field image is not a base64 PNG")):
+            status, body = server.invoke(bad)
+            # MLflow's server puts the request's repr first; the model's one line comes last after "Error: "
+            last = body["message"].splitlines()[-1]
+            assert status == 400 and last.startswith("Error: request row 0: ") and field in last, body

@@ -15,6 +15,8 @@ Order, all batch 1, one request at a time:
 
 from __future__ import annotations
 
+import math
+import random
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -26,12 +28,15 @@ from core.adaptive.calibration import OnlineCalibration
 from core.adaptive.contention import CPULoad
 from core.adaptive.guardrail import Guardrail
 from core.adaptive.inference import AdaptiveInference, answer_static
-from core.control.budgets import budget_percent
+from core.control.budgets import budget_percent, check_fractions, full_latency_ms
 from core.control.decision import LearnedController
-from core.knobs import KnobConfig
+from core.control.measured import check_measured_table, split_calibration
+from core.control.yardsticks import lookup_table
+from core.knobs import KnobConfig, KnobSpace
 from core.latency.estimator import LatencyEstimator
 from core.vlm.base_vlm import BaseVLMBackend
 from core.vqa.sample import VQASample
+from core.vqa.suite import SPLIT_SIZES, load_split
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class CalibrationSettings:
     quantile: float = 0.95
     method: str = "quantile"
     min_count: int = 5
+
+    def __post_init__(self) -> None:
+        OnlineCalibration(1.0, self.window, self.quantile, self.method, min_count=self.min_count)  # its checks
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,46 @@ class ExperimentSettings:
     contention: bool = False
     contention_fraction: float = 0.8
     contention_workers: int = 2
+
+    def __post_init__(self) -> None:
+        """ValueError naming the parameter (the entry point's name) of the first unusable setting."""
+        check_fractions(self.fractions, "budget_fraction")
+        check_fractions([self.contention_fraction], "contention_fraction")
+        if not (self.budget_ms >= 0 and math.isfinite(self.budget_ms)):
+            raise ValueError(f"parameter latency_budget must be a number > 0 (or 0: use budget_fraction), got {self.budget_ms}")
+        for name in ("warmup", "contention_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parameter {name} must be >= 1, got {getattr(self, name)}")
+
+
+def request_stream(datasets: Sequence[str], split: str, num_samples: int, warmup: int,
+                   seed: int) -> tuple[list[VQASample], list[VQASample]]:
+    """(requests, warm-up requests): the first `num_samples` of each data set's split, interleaved in a
+    `seed`-shuffled order (the same in every pass), and `warmup` further samples for measuring L_full."""
+    if num_samples < 1:
+        raise ValueError(f"parameter num_samples must be >= 1, got {num_samples}")
+    if num_samples + warmup > SPLIT_SIZES[split]:
+        raise ValueError(f"parameter num_samples: {num_samples} + warmup {warmup} exceed the {split} split's "
+                         f"{SPLIT_SIZES[split]} samples")
+    drawn = {d: load_split(d, split, num_samples + warmup) for d in datasets}
+    requests = [s for d in datasets for s in drawn[d][:num_samples]]
+    random.Random(seed).shuffle(requests)
+    return requests, [s for d in datasets for s in drawn[d][num_samples:]][:warmup]
+
+
+def lookup_configs(table: pd.DataFrame, source: str, space: KnobSpace, fractions: Sequence[float],
+                   calibration_fraction: float = 0.7) -> pd.DataFrame:
+    """The lookup yardstick's table (one static config per budget fraction, over all data sets) from the
+    calibration part of a measured table, as `evaluate_controller` builds it."""
+    table = check_measured_table(table, source)
+    calibration = split_calibration(table, calibration_fraction, 0).calibration
+    return lookup_table(calibration, full_latency_ms(table, space.full()), fractions)
+
+
+def lookup_config(lookup: pd.DataFrame, fraction: float) -> KnobConfig:
+    """The lookup table's config at the fraction nearest `fraction`."""
+    row = lookup.loc[(lookup["fraction"] - fraction).abs().idxmin()]
+    return KnobConfig(str(row["tier"]), int(row["top_k"]), int(row["num_active_blocks"]))
 
 
 def measure_l_full(backend: BaseVLMBackend, samples: Sequence[VQASample]) -> float:
@@ -73,10 +121,10 @@ def _adaptive(backend: BaseVLMBackend, controller: LearnedController, estimator:
 
 def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estimator: LatencyEstimator,
                    requests: Sequence[VQASample], warmup: Sequence[VQASample], settings: ExperimentSettings,
-                   lookup: Callable[[float], KnobConfig] | None = None,
+                   lookup: pd.DataFrame | None = None,
                    on_load: Callable[[str, list[int]], None] | None = None,
                    progress: bool = True) -> tuple[pd.DataFrame, float]:
-    """(one row per answered request, L_full ms). `lookup(fraction)` gives the lookup table's config;
+    """(one row per answered request, L_full ms). `lookup` is the lookup yardstick's table (`lookup_configs`);
     `on_load("start"|"stop", pids)` hears about the background load."""
     l_full = measure_l_full(backend, warmup)
     budgets = [(0.0, settings.budget_ms)] if settings.budget_ms > 0 else [(f, f * l_full) for f in settings.fractions]
@@ -93,7 +141,7 @@ def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estim
                     rows.append({"method": "static_full", "order": order, **common, **answer_static(backend, sample, full, budget)})
                     if lookup is not None:
                         rows.append({"method": "lookup", "order": order, **common,
-                                     **answer_static(backend, sample, lookup(fraction), budget)})
+                                     **answer_static(backend, sample, lookup_config(lookup, fraction), budget)})
                 order += 1
                 bar.update()
     if settings.contention:

@@ -44,7 +44,7 @@ class AdaptiveAnswer:
     dataset: str
     budget_ms: float
     text: str
-    accuracy: float
+    accuracy: float  # NaN for a served request without reference answers
     tier: str
     top_k: int
     num_active_blocks: int
@@ -68,6 +68,11 @@ class AdaptiveAnswer:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def _score(text: str, sample: VQASample) -> float:
+    """The VQA score, or NaN for a served request (no reference answers)."""
+    return vqa_score(text, sample.answers) if sample.answers else float("nan")
 
 
 def _ms(start: float) -> float:
@@ -158,7 +163,7 @@ class AdaptiveInference:
         total = _ms(start)
         after = self.calibration.factors()
         return AdaptiveAnswer(
-            sample.sample_id, sample.dataset, float(budget_ms), text, vqa_score(text, sample.answers), final.tier,
+            sample.sample_id, sample.dataset, float(budget_ms), text, _score(text, sample), final.tier,
             final.top_k, final.num_active_blocks, first.top_k, first.num_active_blocks, decision.intervened,
             decision.fits, len(generated), t_features, t_decision, measured["vision"], t_guardrail, measured["prefill"],
             measured["decode"], t_calibration, total, t_decision + t_guardrail + t_calibration,
@@ -171,6 +176,6 @@ def answer_static(backend: BaseVLMBackend, sample: VQASample, config: KnobConfig
     result = backend.answer(sample, config)
     total = _ms(start)
     return {"sample_id": sample.sample_id, "dataset": sample.dataset, "budget_ms": float(budget_ms), "text": result.text,
-            "accuracy": vqa_score(result.text, sample.answers), **config.as_dict(), "output_tokens": result.output_tokens,
+            "accuracy": _score(result.text, sample), **config.as_dict(), "output_tokens": result.output_tokens,
             "T_vision_ms": result.T_vision_ms, "T_prefill_ms": result.T_prefill_ms, "T_decode_ms": result.T_decode_ms,
             "T_total_ms": total}

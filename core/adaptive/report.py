@@ -61,3 +61,18 @@ def knob_distribution(rows: pd.DataFrame) -> pd.DataFrame:
     counts = part.groupby(["method", "fraction", "dataset", *KNOBS]).size().rename("requests").reset_index()
     totals = counts.groupby(["method", "fraction", "dataset"])["requests"].transform("sum")
     return counts.assign(share=counts["requests"] / totals)
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """The run's summary: accuracy / adherence per budget (the static full config's beside), the
+    overhead, and the contention ablation's adherence during the load."""
+    percents = sorted({k.rsplit("_at_", 1)[1] for k in metrics if k.startswith("adaptive_accuracy_at_")})
+    parts = [f"{p}%: acc {metrics[f'adaptive_accuracy_at_{p}']:.3f} adh {metrics[f'adaptive_adherence_at_{p}']:.3f}"
+             + (f" (full {metrics[f'static_full_accuracy_at_{p}']:.3f}/{metrics[f'static_full_adherence_at_{p}']:.3f})"
+                if f"static_full_accuracy_at_{p}" in metrics else "") for p in percents]
+    line = (f"adaptive inference, L_full {metrics['l_full_ms_measured']:.1f} ms: " + "; ".join(parts)
+            + f"; overhead {metrics.get('adaptive_overhead_ms_mean', float('nan')):.3f} ms/request")
+    if "contention_on_adherence_during" in metrics:
+        line += (f"\ncontention adherence during load: calibration on {metrics['contention_on_adherence_during']:.3f}, "
+                 f"off {metrics['contention_off_adherence_during']:.3f}")
+    return line
