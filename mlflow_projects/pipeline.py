@@ -50,6 +50,7 @@ class Params:
     # the profile step's is measured on both by construction.
     controller_table: str = ""  # measured test-split table the controllers are scored on; '' = the profile step's
     controller_require: str = "test_adherence_min>=0.97"  # promote's constraint on budget-controller versions
+    adaptive_samples: int = 4  # per data set: adaptive inference on the three champions, served model registered
     force_rerun: bool = False  # ignore finished runs and execute every step
 
 
@@ -106,7 +107,7 @@ def steps_for(params: Params) -> list[Step]:
 def controller_steps(params: Params, base_model: Callable[[Mapping[str, str]], str]) -> list[Step]:
     """controller data -> supervised and stage-1 controllers (each scored on the held-out part of the
     measured table) -> promote the better under `controller_require` -> evaluate the champion beside
-    every yardstick.
+    every yardstick -> adaptive inference on the champions (live requests, the served model registered).
 
     The controller data directory is named after the estimator run it takes latency from: a retrained
     estimator builds new data instead of meeting the old directory (whose identity would refuse it).
@@ -134,6 +135,10 @@ def controller_steps(params: Params, base_model: Callable[[Mapping[str, str]], s
         }, reusable=False),
         Step("evaluate_controller", "evaluate_controller", lambda done: {
             "controller": "models:/budget-controller@champion", "measured_table": table, "model_path": base_model(done),
+        }, reusable=False),
+        # Live requests on the champions (the registry's aliases, as a user serves them); registers adaptive-vlm.
+        Step("adaptive_inference", "adaptive_inference", lambda done: {
+            "num_samples": str(params.adaptive_samples), "warmup": "3", "measured_table": table,
         }, reusable=False),
     ]
 

@@ -258,3 +258,10 @@ def test_pipeline_controllers_follow_the_estimator_and_promote_under_the_adheren
     assert not promote.reusable and promote.parameters(done) == {"model_name": "budget-controller",
                                                                  "require": "test_adherence_min>=0.97"}
     assert steps["evaluate_controller"].parameters(done)["controller"] == "models:/budget-controller@champion"
+    # The pipeline ends the base-VLM branch with live adaptive inference on the three champions.
+    adaptive = steps["adaptive_inference"]
+    assert names.index("evaluate_controller") < names.index("adaptive_inference") and not adaptive.reusable
+    assert adaptive.parameters(done)["measured_table"] == pipeline.Params().profile_results_dir
+    from entry_points.adaptive_inference import Params as AdaptiveParams
+
+    assert AdaptiveParams().controller_path == "models:/budget-controller@champion"
