@@ -37,6 +37,7 @@ class OnlineCalibration:
     enabled: bool = True
     _ratios: dict[str, deque] = field(default_factory=dict, repr=False)
     _ewma: dict[str, float] = field(default_factory=dict, repr=False)
+    _factors: dict[str, float] = field(default_factory=dict, repr=False)  # recomputed once per update
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -62,9 +63,16 @@ class OnlineCalibration:
             self._ratios[stage].append(ratio)
             previous = self._ewma.get(stage)
             self._ewma[stage] = ratio if previous is None else (1 - self.ewma_alpha) * previous + self.ewma_alpha * ratio
+            self._factors.pop(stage, None)
 
     def factor(self, stage: str) -> float:
-        """The multiplier for `stage`'s P90 prediction now."""
+        """The multiplier for `stage`'s P90 prediction now (computed once per update: the request path
+        reads it several times)."""
+        if stage not in self._factors:
+            self._factors[stage] = self._compute(stage)
+        return self._factors[stage]
+
+    def _compute(self, stage: str) -> float:
         ratios = self._ratios[stage]
         if not self.enabled or len(ratios) < self.min_count:
             return self.static_factor
