@@ -102,19 +102,24 @@ def test_the_guardrail_keeps_a_fitting_config_and_steps_down_within_the_tier_oth
 
 
 # --- the request path ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def controller_dir(tmp_path_factory, estimator) -> str:
+def _toy_controller(directory, estimator, options: dict[str, list]) -> str:
     """A supervised controller trained on toy data with the base VLM's feature widths (96 + 96)."""
+    grid = config_grid(options)
     rng = np.random.default_rng(0)
     n = 60
-    latency = np.tile(10.0 + 4 * GRID["tier_index"].to_numpy() + GRID["top_k"].to_numpy() / 2, (n, 1))
+    latency = np.tile(10.0 + 4 * grid["tier_index"].to_numpy() + grid["top_k"].to_numpy() / 2, (n, 1))
     arrays = ControllerArrays([f"toy:train:{i}" for i in range(n)], rng.normal(size=(n, 96)).astype(np.float32),
-                              rng.normal(size=(n, 96)).astype(np.float32), rng.uniform(size=(n, len(GRID))), latency,
+                              rng.normal(size=(n, 96)).astype(np.float32), rng.uniform(size=(n, len(grid))), latency,
                               latency.copy())
     rule = Rule(fit_output_length(rng.normal(size=(8, 96)), np.full(8, 2.0)), 1.0, 0.97, 0)
-    trained = train_controller(arrays, rule, estimator, OPTIONS, BASE_VLM_SPACE.name, 26.0,
+    trained = train_controller(arrays, rule, estimator, options, BASE_VLM_SPACE.name, 26.0,
                                TrainingConfig(num_epochs=2, stage="supervised"))
-    return str(trained.controller.save(tmp_path_factory.mktemp("controller") / "controller"))
+    return str(trained.controller.save(directory / "controller"))
+
+
+@pytest.fixture(scope="module")
+def controller_dir(tmp_path_factory, estimator) -> str:
+    return _toy_controller(tmp_path_factory.mktemp("controller"), estimator, OPTIONS)
 
 
 def test_an_adaptive_answer_is_the_plain_answer_of_the_config_it_used(controller_dir, estimator):
@@ -208,12 +213,24 @@ def test_a_budget_below_every_config_is_answered_by_the_fastest_and_flagged(trac
     assert run.data.metrics["adaptive_unfit_at_fixed"] == 1.0 and run.data.metrics["adaptive_adherence_at_fixed"] == 0.0
 
 
+def test_a_controller_of_another_knob_space_is_refused_in_one_line(tracking_store, estimator, estimator_file,
+                                                                   measured_table, tmp_path, capsys):
+    from entry_points import adaptive_inference
+
+    other = {**OPTIONS, "top_k": [1, 2, 3, 5, 6]}
+    controller = _toy_controller(tmp_path, estimator, other)
+    capsys.readouterr()  # the training's progress bar
+    assert adaptive_inference.main(_args(controller, estimator_file, measured_table)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "knob space" in err[0] and "controller_path" in err[0], err
+
+
 @pytest.mark.parametrize("extra, expected", [
     ({"budget_fraction": "0.6,-1"}, "parameter budget_fraction"),
     ({"latency_budget": "-5"}, "parameter latency_budget"),
     ({"dataset": "synth_nope"}, "synth_nope"),
     ({"controller_path": "models:/budget-controller@champion"}, "budget-controller"),
-    ({"contention": "sometimes"}, "parameter contention"),
+    ({"calibration_quantile": "1.5"}, "parameter calibration_quantile"),
 ])
 def test_bad_input_is_one_line_and_no_run(extra, expected, tracking_store, controller_dir, estimator_file,
                                           measured_table, capsys):
