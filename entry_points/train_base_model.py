@@ -4,6 +4,7 @@ from_checkpoint=DIR` scores and registers an existing checkpoint instead (e.g. o
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,10 @@ class Params:
     reader_steps: int = _D.reader_steps  # stage 1b: region reader on every data set
     reader_weight: float = _D.reader_weight  # stage 2: reader loss beside the answer loss
     qa_pairs_per_image: int = _D.qa_pairs_per_image  # questions about one image per training sequence
+    warmup_steps: int = _D.warmup_steps  # linear warm-up of the learning rate
+    full_model_fraction: float = _D.full_model_fraction  # first share of steps at all blocks (only the tier varies)
+    router_entropy_coef: float = _D.model.router_entropy_coef  # bonus on the router's entropy (keeps top_k costly)
+    init_from: str = ""  # start from this training checkpoint directory (fine-tuning; stage 1 skipped)
     device: str = _D.device  # cpu or cuda[:N]
     num_threads: int = 2  # torch intra-op threads
     checkpoint_dir: str = "outputs/base_vlm_training"  # per-epoch checkpoints; a rerun resumes from here
@@ -59,7 +64,8 @@ class Params:
 
 
 def prepare(params: Params) -> ElasticTrainConfig:
-    config = config_from_params(ElasticTrainConfig, params,
+    config = config_from_params(ElasticTrainConfig, params, init_from=params.init_from or None,
+                                model=dataclasses.replace(_D.model, router_entropy_coef=params.router_entropy_coef),
                                 **{name: number_list(getattr(params, name), name) for name in KNOB_WEIGHT_FIELDS})
     config.validate()
     if params.from_checkpoint and not (Path(params.from_checkpoint) / "base_vlm_config.json").is_file():

@@ -84,7 +84,7 @@ def main() -> int:
     start = time.perf_counter()
 
     def report(record: dict) -> None:
-        keys = ("train_loss", "train_ce", "train_reader", "val_vqa_score_full", "val_vqa_score_min",
+        keys = ("train_loss", "train_ce", "train_reader", "train_router_entropy", "val_vqa_score_full", "val_vqa_score_min",
                 "val_vqa_score_synth_textvqa", "val_vqa_score_synth_countvqa", "val_vqa_score_synth_attrvqa",
                 "val_reader_word_high", "val_reader_shape_high", "epoch_time_s")
         print(f"epoch {record['epoch']}: " + " ".join(f"{k}={record[k]:.3f}" for k in keys if k in record)

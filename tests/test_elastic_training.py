@@ -1,18 +1,21 @@
 """Elastic training: loss goes down, records carry the agreed keys, checkpoints resume exactly, and an
 exception from the caller's on_epoch propagates."""
 
+import dataclasses
+import math
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from core.knobs import TIERS
-from core.vlm.base_vlm import BaseVLM, space_for
+from core.vlm.base_vlm import BaseVLM, build_base_vlm, space_for
 from core.vlm.elastic_training import (
-    TRAINING_KEYS, VALIDATION_KEYS, ElasticTrainConfig, export_trained, exported_training, recorded_history,
-    sample_train_config, train_base_vlm,
+    TRAINING_KEYS, VALIDATION_KEYS, ElasticTrainConfig, _examples, collate, export_trained, exported_training,
+    recorded_history, sample_train_config, train_base_vlm,
 )
-from core.vqa.suite import DATASETS
+from core.vqa.suite import DATASETS, load_mixed_split
 from tests.helpers import TINY_BASE_VLM as TINY
 
 
@@ -112,3 +115,46 @@ def test_knob_sampling_follows_the_weights_and_draws_random_subsets():
     # before full_model_fraction of training, only the tier varies
     early = [sample_train_config(rng, space, _config(), progress=0.1)[0] for _ in range(100)]
     assert {(c.top_k, c.num_active_blocks) for c in early} == {(space.default_top_k, space.num_blocks)}
+
+
+def test_init_from_starts_from_a_trained_checkpoint_and_skips_stage_one(tmp_path: Path):
+    parent, _ = train_base_vlm(_config(epochs=1), checkpoint_dir=tmp_path / "parent")
+    child_config = _config(epochs=0, init_from=str(tmp_path / "parent"))
+    child, history = train_base_vlm(child_config, checkpoint_dir=tmp_path / "child")
+    assert history == []  # no epochs: the weights are the parent's, untouched by a stage 1
+    for (name, a), b in zip(parent.state_dict().items(), child.state_dict().values()):
+        assert torch.equal(a, b), name
+    # one epoch of fine-tuning moves them, and it resumes like any run
+    tuned, tuned_history = train_base_vlm(_config(epochs=1, init_from=str(tmp_path / "parent")), checkpoint_dir=tmp_path / "tuned")
+    assert [r["epoch"] for r in tuned_history] == [1]
+    assert not torch.equal(tuned.decoder.lm_head.weight, parent.decoder.lm_head.weight)
+
+
+def test_init_from_names_a_directory_without_a_checkpoint_or_of_another_architecture(tmp_path: Path):
+    with pytest.raises(ValueError, match="init_from=.*expected a training checkpoint"):
+        train_base_vlm(_config(epochs=1, init_from=str(tmp_path / "missing")))
+    train_base_vlm(_config(epochs=0), checkpoint_dir=tmp_path / "parent")
+    wider = dataclasses.replace(TINY, expert_dim=TINY.expert_dim * 2)
+    with pytest.raises(ValueError, match="init_from=.*another architecture"):
+        train_base_vlm(_config(epochs=1, init_from=str(tmp_path / "parent"), model=wider))
+
+
+def test_the_router_entropy_bonus_is_subtracted_from_the_loss_and_its_gradient_spreads_the_gates():
+    model = build_base_vlm(dataclasses.replace(TINY, router_entropy_coef=1.0), seed=0)
+    with torch.no_grad():  # a trained router is peaked; the initial one is uniform (zeros)
+        for layer in model.decoder.model.layers:
+            layer.mlp.gate.weight.normal_(0, 2.0)
+    example = _examples(load_mixed_split(DATASETS, "train", 2, 0), 0)
+    batch = collate(model, [e for e in example if e.sample.image.size == example[0].sample.image.size][:1],
+                    random.Random(0), 2)
+    batch.pop("reader_targets")
+    parts = model.teacher_forced_loss(**batch)
+    assert 0 < parts.router_entropy.item() < math.log(TINY.num_experts)
+    assert parts.total.item() == pytest.approx((parts.answer_ce + TINY.router_aux_loss_coef * parts.router_aux
+                                                - parts.router_entropy).item(), rel=1e-5)
+    gates = [layer.mlp.gate.weight for layer in model.decoder.model.layers]
+    grads = torch.autograd.grad(-parts.router_entropy, gates)
+    with torch.no_grad():
+        for weight, grad in zip(gates, grads):
+            weight -= 0.5 * grad
+    assert model.teacher_forced_loss(**batch).router_entropy.item() > parts.router_entropy.item()

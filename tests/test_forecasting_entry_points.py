@@ -231,7 +231,10 @@ def _clean_checkout(tmp_path: Path) -> Path:
 def test_pipeline_reuses_a_finished_step_on_its_second_run(subprocess_env, tmp_path):
     checkout = _clean_checkout(tmp_path)
     args = [sys.executable, "-m", "mlflow_projects.pipeline", "--num_days", "4", "--predictor_epochs", "2",
-            "--eval_test_samples", "2", "--importance_samples", "1", "--profile_samples", "2"]
+            "--eval_test_samples", "2", "--importance_samples", "1", "--profile_samples", "2",
+            # Controllers fit on 2 profiled samples, judged on 3 held-out ones timed on a shared machine:
+            # the reuse check needs a champion, not a good one (promote's gate has its own tests).
+            "--controller_require", "test_adherence_min>=0"]
     env = {**subprocess_env, "PYTHONPATH": str(checkout)}
     first = subprocess.run(args, cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -67,6 +67,12 @@ class BaseVLMConfig:
     max_positions: int = 512
     experts_implementation: str = "eager"
     router_aux_loss_coef: float = 0.01
+    # Training bonus on the router's per-token entropy (mean over tokens and active blocks). MolmoE
+    # routes 8 of 64 experts and its kept gate weights sum to well under 1, so each expert fewer takes
+    # a share of the MoE output away; with 8 experts and top-6 the router here learns peaked gates
+    # (top-1 holds nearly all the weight) and top_k cost nothing. Keeping the gates spread restores the
+    # cost. 0 disables it (the committed checkpoints before this field were trained without).
+    router_entropy_coef: float = 0.0
     init_std: float = 0.02  # weight init of vision tower and decoder
     # OLMoE RMS-normalises queries and keys, which caps attention logits at about
     # qk_norm_init**2 * sqrt(head_dim); with small heads that is too flat to pick one vision token out of
@@ -183,6 +189,20 @@ class LossParts(NamedTuple):
     answer_ce: torch.Tensor
     router_aux: torch.Tensor
     vision_aux: torch.Tensor
+    router_entropy: torch.Tensor  # mean per-token router entropy in nats (logged; a bonus when coef > 0)
+
+
+def router_entropy(router_logits: Sequence[torch.Tensor] | None, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the routers' softmax over the real tokens of `attention_mask` (B, L),
+    averaged over the blocks that ran; each block's logits are (B * L, num_experts)."""
+    if not router_logits:
+        return torch.zeros((), device=attention_mask.device)
+    keep = attention_mask.reshape(-1).bool()
+    per_block = []
+    for logits in router_logits:
+        logp = F.log_softmax(logits.float()[keep], dim=-1)
+        per_block.append(-(logp.exp() * logp).sum(-1).mean())
+    return torch.stack(per_block).mean()
 
 
 class BaseVLM(nn.Module):
@@ -372,11 +392,13 @@ class BaseVLM(nn.Module):
         target = target_mask.bool()
         ce = F.cross_entropy(logits[target], text_ids[target])
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=ce.device)
+        entropy = router_entropy(out.router_logits, attention_mask)
         vision_aux = torch.zeros((), device=ce.device)
         if vision_loss is not None and vision_loss_weight > 0:
             vision_aux = vision_loss(vision)
-        total = ce + self.config.router_aux_loss_coef * aux + vision_loss_weight * vision_aux
-        return LossParts(total, ce, aux, vision_aux)
+        total = (ce + self.config.router_aux_loss_coef * aux + vision_loss_weight * vision_aux
+                 - self.config.router_entropy_coef * entropy)
+        return LossParts(total, ce, aux, vision_aux, entropy)
 
     @torch.no_grad()
     def prompt_logits(self, image: Image.Image, question: str) -> torch.Tensor:

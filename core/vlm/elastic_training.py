@@ -54,7 +54,7 @@ MODEL_SUBDIR = "model"
 # The per-knob sampling weights of ElasticTrainConfig and how many options each weighs.
 KNOB_WEIGHT_FIELDS: dict[str, int] = {"tier_weights": 3, "top_k_weights": 5, "block_weights": 5}
 # The keys of an epoch record (`train_base_vlm`): training figures, and held-out ones on the val split.
-TRAINING_KEYS = ("train_loss", "train_ce", "train_aux", "train_reader", "lr", "samples_per_s", "epoch_time_s")
+TRAINING_KEYS = ("train_loss", "train_ce", "train_aux", "train_reader", "train_router_entropy", "lr", "samples_per_s", "epoch_time_s")
 VALIDATION_KEYS = ("val_vqa_score_full", "val_vqa_score_min", *(f"val_vqa_score_{d}" for d in DATASETS),
                    *(f"val_reader_{group}_{tier}" for group in READER_GROUPS for tier in TIERS))
 
@@ -99,6 +99,11 @@ class ElasticTrainConfig:
     # Keep every image's crops per tier in memory (~1 GB for the full train split): on a GPU the
     # per-batch Pillow resizing otherwise costs about as much as the step itself.
     cache_crops: bool = False
+    # A training checkpoint directory (model/ and training_state.pt, as `save_checkpoint` writes them)
+    # whose weights and region reader start this run: stage 1 is skipped, the optimizer starts afresh
+    # and the schedule (warm-up, cosine) spans this run's epochs. For fine-tuning a trained model with
+    # other knob weights or router settings instead of paying for its whole training again.
+    init_from: str | None = None
     device: str = "cpu"
     model: BaseVLMConfig = field(default_factory=BaseVLMConfig)
 
@@ -283,6 +288,9 @@ def train_base_vlm(
             optimizer.load_state_dict(state["optimizer"])
         history = state["history"]
         done_epoch = state["epoch"]
+    elif config.init_from is not None:
+        load_initial_weights(model, reader, Path(config.init_from), device)
+        done_epoch = 0  # stage 1 is what the initial checkpoint already did
 
     train = load_mixed_split(config.datasets, "train", config.train_samples_per_dataset, config.seed)
     val = validation_samples(config)
@@ -290,8 +298,8 @@ def train_base_vlm(
     val_examples = _examples(val, config.seed, config.cache_crops)
     if done_epoch < 0:
         train_reader(model, reader, examples, config, space, device)
-        if checkpoint_dir is not None:
-            save_checkpoint(model, reader, None, history, 0, config, Path(checkpoint_dir))
+    if done_epoch <= 0 and checkpoint_dir is not None:
+        save_checkpoint(model, reader, None, history, 0, config, Path(checkpoint_dir))
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
 
@@ -302,7 +310,7 @@ def train_base_vlm(
         rng.shuffle(order)
         model.train()
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "reader": 0.0}
+        sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "reader": 0.0, "entropy": 0.0}
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", leave=False)
         for i in bar:
             step = (epoch - 1) * steps_per_epoch + i
@@ -325,6 +333,7 @@ def train_base_vlm(
             sums["ce"] += parts.answer_ce.item()
             sums["aux"] += parts.router_aux.item()
             sums["reader"] += parts.vision_aux.item()
+            sums["entropy"] += parts.router_entropy.item()
             bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", knob=knob.key)
         elapsed = time.perf_counter() - t0
         record: dict = {
@@ -333,6 +342,7 @@ def train_base_vlm(
             "train_ce": sums["ce"] / steps_per_epoch,
             "train_aux": sums["aux"] / steps_per_epoch,
             "train_reader": sums["reader"] / steps_per_epoch,
+            "train_router_entropy": sums["entropy"] / steps_per_epoch,
             "lr": lr,
             "epoch_time_s": elapsed,
             "samples_per_s": len(examples) / elapsed,
@@ -415,6 +425,21 @@ def evaluate_reader(
         out.update({f"val_reader_{k}_{tier}": v for k, v in reader_accuracy(scores, targets).items()})
     model.train(was_training)
     return out
+
+
+def load_initial_weights(model: BaseVLM, reader: RegionReader, directory: Path, device: torch.device) -> None:
+    """The weights and region reader of the training checkpoint in `directory` (`init_from`), into this
+    run's freshly built model and reader; ValueError naming the directory when it holds no checkpoint or
+    one of another architecture."""
+    state_file, model_dir = directory / STATE_FILE, directory / MODEL_SUBDIR
+    if not state_file.is_file() or not model_dir.is_dir():
+        raise ValueError(f"init_from={str(directory)!r}: expected a training checkpoint ({MODEL_SUBDIR}/ and {STATE_FILE})")
+    try:
+        model.load_state_dict(BaseVLM.load_pretrained(model_dir, device).state_dict())
+        reader.load_state_dict(load_training_state(state_file, device)["reader"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"init_from={str(directory)!r}: another architecture than this run's model ({first})") from None
 
 
 def recorded_history(checkpoint_dir: Path | str) -> list[dict]:
