@@ -4,9 +4,8 @@ from_checkpoint=DIR` scores and registers an existing checkpoint instead (e.g. o
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,7 +22,7 @@ from tracking.cli import ParameterError, config_from_params, number_list
 from tracking.entry_point import EntryPoint, EpochHook
 from tracking.epoch_logging import EpochLogger, epoch_callback
 from tracking.pyfunc_models import log_base_vlm
-from tracking.registry import Promotion, RegistryError, promote
+from tracking.registry import Promotion, promote_if_better
 from tracking.run_context import set_data_digest
 from tracking.store import ADAPTIVE_VLM_STUDY
 
@@ -65,7 +64,7 @@ class Params:
 
 def prepare(params: Params) -> ElasticTrainConfig:
     config = config_from_params(ElasticTrainConfig, params, init_from=params.init_from or None,
-                                model=dataclasses.replace(_D.model, router_entropy_coef=params.router_entropy_coef),
+                                model=replace(_D.model, router_entropy_coef=params.router_entropy_coef),
                                 **{name: number_list(getattr(params, name), name) for name in KNOB_WEIGHT_FIELDS})
     config.validate()
     if params.from_checkpoint and not (Path(params.from_checkpoint) / "base_vlm_config.json").is_file():
@@ -81,8 +80,7 @@ def execute(params: Params, config: ElasticTrainConfig, epoch_hook: EpochHook | 
     """Train (resuming) or load `from_checkpoint`, log every epoch (also those recorded elsewhere: on a
     machine without MLflow, or before a resume), then log the model, register it and promote it if better."""
     torch.set_num_threads(params.num_threads)
-    for split, context, n in (("train", "training", params.train_samples_per_dataset),
-                              ("val", "validation", params.val_samples_per_dataset)):
+    for split, context, n in (("train", "training", params.train_samples_per_dataset), ("val", "validation", params.val_samples_per_dataset)):
         log_dataset_input(samples_frame(load_mixed_split(DATASETS, split, n, params.seed)), f"synthetic-vqa-{split}",
                           context, {"generator": "core.vqa.suite.load_split", "seed": str(params.seed)})
     set_data_digest(f"vqa-suite-seed{params.seed}")
@@ -112,24 +110,16 @@ def execute(params: Params, config: ElasticTrainConfig, epoch_hook: EpochHook | 
         export_trained(model, history, config, params.output_dir)
     version = log_base_vlm(model, load_split(DATASETS[0], "test", 1, params.seed)[0], source_dir=params.from_checkpoint,
                            registered_model_name=params.model_name if params.register else None, promotion=PROMOTION)
-    outcome = "not registered"
-    if version is not None:
-        try:  # champion moves only to a better version
-            result = promote(params.model_name, PROMOTION.metric, PROMOTION.mode, version=str(version))
-            outcome = f"registered {params.model_name} version {version}, champion -> {result.version}"
-        except RegistryError as refused:
-            outcome = f"registered {params.model_name} version {version}; champion kept ({refused})"
-        mlflow.set_tag("registry_outcome", outcome)
+    outcome = promote_if_better(params.model_name, str(version), PROMOTION) if version is not None else "not registered"
+    mlflow.set_tag("registry_outcome", outcome)
     return {**scores, **final, "registry_outcome": outcome, **({"registered_version": version} if version else {})}
 
 
-def summary(params: Params, outcome: Mapping[str, Any]) -> str:
-    return (f"val VQA full {outcome['val_vqa_score_full']:.3f}, min {outcome['val_vqa_score_min']:.3f}; "
-            f"{outcome['registry_outcome']}")
+def summary(params: Params, o: Mapping[str, Any]) -> str:
+    return f"val VQA full {o['val_vqa_score_full']:.3f}, min {o['val_vqa_score_min']:.3f}; {o['registry_outcome']}"
 
 
-ENTRY_POINT = EntryPoint("train_base_model", Params, study=ADAPTIVE_VLM_STUDY, execute=execute, summary=summary,
-                         prepare=prepare, promotion=PROMOTION)
+ENTRY_POINT = EntryPoint("train_base_model", Params, study=ADAPTIVE_VLM_STUDY, execute=execute, summary=summary, prepare=prepare, promotion=PROMOTION)
 main = ENTRY_POINT.main
 
 if __name__ == "__main__":

@@ -243,3 +243,13 @@ def promote(
     }.items():
         client.set_model_version_tag(name, chosen.version, key, value)
     return PromotionResult(chosen.version, chosen.value, current_version, current_value, True, ruled_out)
+
+
+def promote_if_better(name: str, version: str, promotion: Promotion) -> str:
+    """Offer a freshly registered `version` for champion by `promotion`'s metric -> a one-line outcome
+    ('champion -> N', or 'champion kept (why)'); a worse version is registered, never promoted."""
+    try:
+        result = promote(name, promotion.metric, promotion.mode, version=version)
+        return f"registered {name} version {version}, champion -> {result.version}"
+    except RegistryError as refused:
+        return f"registered {name} version {version}; champion kept ({refused})"
