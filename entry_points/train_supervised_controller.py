@@ -35,6 +35,7 @@ class Params:
     device: str = _D.device  # torch device of the training
     seed: int = _D.seed  # of the train/val split, the budgets drawn and the initial weights
     use_global_view: bool = _D.use_global_view  # feed the pooled global view (false: question + budget only)
+    label_prior_weight: float = _D.label_prior_weight  # weight of the data set's mean accuracy in the labels (0: the sample's own)
     budgets_per_sample: int = _D.budgets_per_sample  # budgets f ~ U[0.4, 1.1] drawn per sample and epoch
     hidden_width: int = _D.hidden_width
     estimator: str = "models:/latency-estimator@champion"  # a models:/ URI, train_estimator run id or checkpoint file

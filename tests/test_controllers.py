@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from core.control.decision import (
+    ControllerError,
     LearnedController,
     calibrate_factor,
     choose,
@@ -20,7 +21,8 @@ from core.control.decision import (
     joint_log_prob,
 )
 from core.control.policies import ControllerConfig, ControllerNet, TierControllerNet, knob_options
-from core.control.supervised import ControllerArrays, Rule, TrainingConfig, best_configs, train_controller
+from core.control.supervised import (ControllerArrays, Rule, TrainingConfig, best_configs, label_accuracy,
+                                     train_controller)
 from core.knobs import BASE_VLM_SPACE, KNOBS, TIERS
 from core.latency.estimator import EstimatorConfig, LatencyEstimator, train_estimator
 from tests.conftest import REPO_ROOT
@@ -116,6 +118,23 @@ def test_labels_are_the_most_accurate_config_under_the_budget_ties_to_the_faster
     labels = best_configs(arrays.accuracy, arrays.upper_ms, np.full(4, 18.0))
     assert (arrays.upper_ms[np.arange(4), labels] == 18.0).all() and (arrays.accuracy[np.arange(4), labels] == 1.0).all()
     assert (best_configs(arrays.accuracy, arrays.upper_ms, np.full(4, 1.0)) == 0).all()  # none fits: the fastest
+
+
+def test_labels_weigh_in_the_data_sets_mean_accuracy_so_luck_does_not_pick_the_cheap_config():
+    # Two configs of one data set, the cheap one right on a third of the samples, the dear one on all but
+    # one: the sample's own accuracy labels the cheap config for the samples it happened to get right.
+    accuracy = np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    upper = np.tile([10.0, 20.0], (6, 1))
+    arrays = ControllerArrays([f"synth_countvqa:train:{i}" for i in range(6)], np.zeros((6, 1), np.float32),
+                              np.zeros((6, 0), np.float32), accuracy, upper, upper)
+    budget = np.full(6, 25.0)
+    assert list(best_configs(label_accuracy(arrays, arrays, 0.0), upper, budget)) == [0, 1, 1, 0, 1, 0]
+    smoothed = label_accuracy(arrays, arrays, 0.5)
+    assert np.allclose(smoothed[0], [0.5 + 0.5 / 2, 0.5 + 0.5 * 5 / 6])
+    assert list(best_configs(smoothed, upper, budget)) == [1, 1, 1, 0, 1, 1]  # only a sample the dear one misses
+    assert list(best_configs(label_accuracy(arrays, arrays, 1.0), upper, budget)) == [1] * 6
+    with pytest.raises(ControllerError, match="label_prior_weight"):
+        TrainingConfig(label_prior_weight=1.5).validate()
 
 
 @pytest.mark.parametrize("stage", ["supervised", "stage1"])

@@ -29,7 +29,7 @@ tier and then the most likely config in it, whose calibrated upper latency fits 
 Per-epoch records: train_<m> for m in TRAIN_METRICS (means over the epoch's updates; reward,
 accuracy and latency over its rollouts) and val_<m> for m in VAL_METRICS: the decision rule's picks on
 the validation samples at fixed, seeded budgets with fixed noise draws (`loss` there is minus the mean
-reward: what training maximises); `unguarded_*` the policy's most likely config without the latency check.
+reward, a violation priced at the initial multiplier so that epochs compare); `unguarded_*` the policy's most likely config without the latency check.
 """
 
 from __future__ import annotations
@@ -315,6 +315,9 @@ def _train(arrays, rule, estimator, options, space_name, l_full_ms, rollout_sour
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if config.kl_beta > 0 else None
     optimizer = torch.optim.Adam(policy.trained_parameters(config), foreach=True)
     reward = Reward(config.reward)
+    # Validation prices a violation at the initial multiplier, so val rewards of different epochs compare
+    # (best.pt is chosen by them) while the training multiplier moves.
+    val_reward = Reward(config.reward)
     prior_accuracy = train.accuracy.mean(axis=0)
     val_draw = np.random.default_rng(config.seed + 1)
     fixed_val = _draw_rows(val_draw, len(val_rows), config.budgets_per_sample, l_full_ms)
@@ -380,7 +383,12 @@ def _train(arrays, rule, estimator, options, space_name, l_full_ms, rollout_sour
                 loss.backward()
                 optimizer.step()
             violated = latency > budget[:, None]
-            reward.update(float(violated.mean()))
+            # Budgets that no config meets at the rule's calibrated upper latency violate whatever the
+            # policy picks: counted in, they would hold the rate above the target and raise the multiplier
+            # without end. The multiplier follows the budgets the policy can keep.
+            keepable = (train.upper_ms[rows] <= budget[:, None]).any(axis=1)
+            if keepable.any():
+                reward.update(float(violated[keepable].mean()))
             with torch.no_grad():
                 sums["loss"] += float(loss)
                 sums["clip_ratio"] += float(((ratio - 1).abs() > config.clip_epsilon).float().mean())
@@ -403,7 +411,7 @@ def _train(arrays, rule, estimator, options, space_name, l_full_ms, rollout_sour
                                     # rollouts drawn and scored per second of the epoch's training time
                                     "train_rollouts_per_s": rollouts / train_time if train_time > 0 else math.nan}
         current = _controller(policy, kind, space_name, l_full_ms, estimator, rule, prior_accuracy)
-        record.update({f"val_{k}": v for k, v in _validate(current, val, fixed_val, fixed_noise, reward).items()})
+        record.update({f"val_{k}": v for k, v in _validate(current, val, fixed_val, fixed_noise, val_reward).items()})
         record["is_best"] = float(record["val_reward_mean"] > best_reward)
         if record["is_best"]:
             best_reward, best_epoch, best = record["val_reward_mean"], epoch, current
