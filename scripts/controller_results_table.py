@@ -20,7 +20,8 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-KNOBS = ("tier", "top_k", "num_active_blocks")
+from core.knobs import KNOBS
+
 YARDSTICKS_BEFORE = (("static_full", "static full"), ("lookup", "lookup (overall)"), ("lookup_dataset", "lookup (per data set)"))
 SAME_SETUP_PARAMS = ("l_full_ms", "calibration_seed", "budget_percents", "measured_table")
 LEAD_PERCENTS = ("60", "70", "80", "90")

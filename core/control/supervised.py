@@ -60,6 +60,7 @@ from core.control.decision import (
 from core.control.policies import ControllerConfig, build_net
 from core.knobs import KNOBS
 from core.latency.estimator import LatencyEstimator, check_device
+from core.vqa.sample import dataset_of
 
 STAGES = {"supervised": KNOBS, "stage1": ("tier",)}
 METRIC_NAMES: tuple[str, ...] = (
@@ -218,11 +219,6 @@ class TrainedController:
     best_epoch: int = 0
 
 
-def dataset_of(sample_id: str) -> str:
-    """The data set a suite sample id ("<dataset>:<split>:<index>") names."""
-    return sample_id.split(":", 1)[0]
-
-
 def label_accuracy(arrays: ControllerArrays, reference: ControllerArrays, prior_weight: float) -> np.ndarray:
     """(N, C) the accuracy labels maximise: (1 - prior_weight) x each sample's own accuracy + prior_weight x
     the mean accuracy per config of the `reference` (training) samples of its data set. The data set only
@@ -240,12 +236,11 @@ class _Budgets:
     """Rows of (sample row, budget fraction) with their labels, for one pass."""
 
     def __init__(self, arrays: ControllerArrays, fractions: np.ndarray, l_full_ms: float, options: dict[str, list],
-                 label_accuracy: np.ndarray | None = None) -> None:
+                 label_accuracy: np.ndarray) -> None:
         self.rows = np.repeat(np.arange(len(arrays.sample_ids)), fractions.shape[1])
         self.fraction = fractions.reshape(-1)
         self.budget_ms = self.fraction * l_full_ms
-        accuracy = arrays.accuracy if label_accuracy is None else label_accuracy
-        self.label = best_configs(accuracy[self.rows], arrays.upper_ms[self.rows], self.budget_ms)
+        self.label = best_configs(label_accuracy[self.rows], arrays.upper_ms[self.rows], self.budget_ms)
         self.labels = head_labels(self.label, options)
 
 

@@ -22,6 +22,11 @@ class VQASample:
     max_new_tokens: int
 
 
+def dataset_of(sample_id: str) -> str:
+    """The data set a sample id ("<dataset>:<split>:<index>") names."""
+    return sample_id.split(":", 1)[0]
+
+
 def samples_frame(samples: Sequence[VQASample]) -> pd.DataFrame:
     """One row per sample (sample_id, dataset, question, answers joined by "|"): a split as a table,
     e.g. for a run's dataset inputs."""
