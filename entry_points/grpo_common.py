@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from core.control.budgets import check_fractions
+from core.control.decision import LATENCY_QUANTILE
 from core.control.grpo import GRPOConfig
 from core.control.reward import REWARD_KINDS, RewardConfig
 from tracking.cli import ParameterError, config_from_params, number_list
@@ -56,7 +57,7 @@ class GRPOParams:
     measured_table: str = "data/profiles/cpu-base-vlm"  # measured test-split profile: calibration + held-out scores
     model_path: str = "data/base_vlm"  # the base VLM (directory or models:/ URI): features of the measured samples
     calibration_seed: int = 0  # of the measured table's 70/30 calibration/held-out split
-    latency_quantile: float = 0.97  # the calibration runs' quantile of measured / predicted T_total
+    latency_quantile: float = LATENCY_QUANTILE  # the fit check: calibration runs' quantile of measured / predicted T_total
     budget_fractions: str = ""  # extra budget fractions to score, comma-separated (0.5 ... 1.0 always)
     resume_dir: str = ""  # a killed run's <output_dir>/<run id>/checkpoints: continue from its last.pt
     tensorboard: bool = False  # write TensorBoard events under <output_dir>/<run id>/tensorboard

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from core.control.budgets import check_fractions
+from core.control.decision import LATENCY_QUANTILE
 from core.control.supervised import TrainingConfig
 from tracking.cli import config_from_params, number_list
 from tracking.controller_models import MODEL_NAME
@@ -36,13 +37,14 @@ class Params:
     seed: int = _D.seed  # of the train/val split, the budgets drawn and the initial weights
     use_global_view: bool = _D.use_global_view  # feed the pooled global view (false: question + budget only)
     label_prior_weight: float = _D.label_prior_weight  # weight of the data set's mean accuracy in the labels (0: the sample's own)
+    label_violation_target: float = _D.label_violation_target  # expected violation share the labels may spend where it buys accuracy (0: none)
     budgets_per_sample: int = _D.budgets_per_sample  # budgets f ~ U[0.4, 1.1] drawn per sample and epoch
     hidden_width: int = _D.hidden_width
     estimator: str = "models:/latency-estimator@champion"  # a models:/ URI, train_estimator run id or checkpoint file
     measured_table: str = "data/profiles/cpu-base-vlm"  # measured test-split profile: calibration + held-out scores
     model_path: str = "data/base_vlm"  # the base VLM (directory or models:/ URI): features of the measured samples
     calibration_seed: int = 0  # of the measured table's 70/30 calibration/held-out split
-    latency_quantile: float = 0.97  # the calibration runs' quantile of measured / predicted T_total
+    latency_quantile: float = LATENCY_QUANTILE  # the fit check: calibration runs' quantile of measured / predicted T_total
     budget_fractions: str = ""  # extra budget fractions to score, comma-separated (0.5 ... 1.0 always)
     tensorboard: bool = False  # write TensorBoard events under <output_dir>/<run id>/tensorboard
     register: bool = True  # register the model as model_name

@@ -41,6 +41,7 @@ class Params(GRPOParams):
     stage1_checkpoint: str = ""  # stage2: the trained stage-1 controller (run id, models:/ URI or directory)
     latency_estimator_path: str = ""  # stage2: the seed's name for the estimator; overrides `estimator` when given
     label_prior_weight: float = _D.label_prior_weight  # stage1: weight of the data set's mean accuracy in the labels
+    label_violation_target: float = _D.label_violation_target  # stage1: expected violation share its labels may spend
 
 
 @dataclass

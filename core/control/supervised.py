@@ -16,6 +16,7 @@ Per-epoch metrics (train_ and val_), the monitoring guide's names first:
   accuracy_mean              grid accuracy of the config the controller picks (decision rule, latency check on)
   latency_mean               its predicted (estimator median) T_total_ms
   budget_violation_rate      share of picks whose calibrated upper latency exceeds B
+  expected_violation_rate    mean P(measured T_total > B) of the picks (the rule's fit model, core.control.risk)
   unguarded_accuracy_mean, unguarded_budget_violation_rate
                              the same for the heads' own most likely config without the latency check:
                              did the net learn the budget, or does the check do the work?
@@ -58,13 +59,14 @@ from core.control.decision import (
     predicted_latency_ms,
 )
 from core.control.policies import ControllerConfig, build_net
+from core.control.risk import FitModel, ViolationPrices, price_violations, priced_choice
 from core.knobs import KNOBS
 from core.latency.estimator import LatencyEstimator, check_device
 from core.vqa.sample import dataset_of
 
 STAGES = {"supervised": KNOBS, "stage1": ("tier",)}
 METRIC_NAMES: tuple[str, ...] = (
-    "loss", "accuracy_mean", "latency_mean", "budget_violation_rate", "unguarded_accuracy_mean",
+    "loss", "accuracy_mean", "latency_mean", "budget_violation_rate", "expected_violation_rate", "unguarded_accuracy_mean",
     "unguarded_budget_violation_rate", "label_accuracy_all", *(f"label_accuracy_{k}" for k in KNOBS), "label_accuracy_mean")
 TRAINING_RECORD_KEYS: tuple[str, ...] = tuple(f"train_{m}" for m in METRIC_NAMES) + ("lr", "epoch_time_s")
 VALIDATION_RECORD_KEYS: tuple[str, ...] = tuple(f"val_{m}" for m in METRIC_NAMES) + ("is_best",)
@@ -94,6 +96,10 @@ class TrainingConfig:
     # 0.5: val accuracy 0.584 as at 1 (0: 0.533), and a label that still follows what tells samples of one
     # data set apart (at 1 it cannot)
     label_prior_weight: float = 0.5
+    # The expected share of budget violations the labels (and stage 1's choice within its tier) may spend where
+    # they buy accuracy (core.control.risk); 0: none, every label is the most accurate config passing the fit
+    # check. 0.02 leaves a point of the 0.97 adherence target for the held-out spread.
+    label_violation_target: float = 0.02
     num_threads: int | None = 1  # torch threads while training (batches of 64 are dispatch-bound)
 
     def validate(self) -> "TrainingConfig":
@@ -108,6 +114,8 @@ class TrainingConfig:
             raise ControllerError(f"parameter dropout must lie in [0, 1), got {self.dropout}")
         if not 0 <= self.label_prior_weight <= 1:
             raise ControllerError(f"parameter label_prior_weight must lie in [0, 1], got {self.label_prior_weight}")
+        if not 0 <= self.label_violation_target < 1:
+            raise ControllerError(f"parameter label_violation_target must lie in [0, 1), got {self.label_violation_target}")
         if self.stage not in STAGES:
             raise ControllerError(f"parameter stage must be one of {list(STAGES)}, got {self.stage!r}")
         check_device(self.device)
@@ -141,6 +149,8 @@ class Rule:
     # measured per-run T_total / the estimator's median at the same (sample, config), calibration runs:
     # the spread GRPO's replay rollouts draw their noise from
     median_ratios: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # P(measured <= B) of a config from its calibrated upper latency (core.control.risk)
+    fit: FitModel | None = None
 
 
 def split_samples(sample_ids: Sequence[str], train_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +181,9 @@ def fit_rule(samples: pd.DataFrame, grid: pd.DataFrame, train_rows: np.ndarray, 
     lengths = length.predict(requests[feature_columns(requests, QUESTION_PREFIX)].to_numpy(np.float64))
     point, upper = predicted_latency_ms(estimator, requests, lengths, options)
     ratios = calibration_ratios(upper, ids, options, calibration)
-    return Rule(length, calibrate_factor(ratios, latency_quantile), latency_quantile, len(ratios),
-                calibration_ratios(point, ids, options, calibration))
+    factor = calibrate_factor(ratios, latency_quantile)
+    return Rule(length, factor, latency_quantile, len(ratios), calibration_ratios(point, ids, options, calibration),
+                FitModel.from_ratios(ratios / factor))
 
 
 def controller_arrays(samples: pd.DataFrame, grid: pd.DataFrame, estimator: LatencyEstimator, rule: Rule,
@@ -197,9 +208,13 @@ def controller_arrays(samples: pd.DataFrame, grid: pd.DataFrame, estimator: Late
     return ControllerArrays(ids, question, global_view, accuracy.to_numpy(np.float64), point, upper * rule.latency_factor)
 
 
-def best_configs(accuracy: np.ndarray, upper_ms: np.ndarray, budget_ms: np.ndarray) -> np.ndarray:
+def best_configs(accuracy: np.ndarray, upper_ms: np.ndarray, budget_ms: np.ndarray,
+                 risk: tuple[FitModel, np.ndarray] | None = None) -> np.ndarray:
     """(M,) the label: per row, the most accurate config whose upper_ms fits budget_ms (ties to the lower
-    upper_ms), else the config of lowest upper_ms."""
+    upper_ms), else the config of lowest upper_ms. With `risk` = (fit model, (M,) prices), the accuracy
+    less the price of the config's violation risk (core.control.risk)."""
+    if risk is not None:
+        return priced_choice(accuracy, upper_ms, budget_ms, risk[0], risk[1])[0]
     key = np.round(accuracy, 9) - upper_ms * 1e-12  # the latency term only breaks accuracy ties
     return choose(key, upper_ms, budget_ms)[0]
 
@@ -236,11 +251,12 @@ class _Budgets:
     """Rows of (sample row, budget fraction) with their labels, for one pass."""
 
     def __init__(self, arrays: ControllerArrays, fractions: np.ndarray, l_full_ms: float, options: dict[str, list],
-                 label_accuracy: np.ndarray) -> None:
+                 label_accuracy: np.ndarray, fit: FitModel | None = None, prices: ViolationPrices | None = None) -> None:
         self.rows = np.repeat(np.arange(len(arrays.sample_ids)), fractions.shape[1])
         self.fraction = fractions.reshape(-1)
         self.budget_ms = self.fraction * l_full_ms
-        self.label = best_configs(label_accuracy[self.rows], arrays.upper_ms[self.rows], self.budget_ms)
+        risk = None if prices is None or fit is None else (fit, prices.at(self.fraction))
+        self.label = best_configs(label_accuracy[self.rows], arrays.upper_ms[self.rows], self.budget_ms, risk)
         self.labels = head_labels(self.label, options)
 
 
@@ -277,6 +293,8 @@ def _evaluate(controller: LearnedController, arrays: ControllerArrays, features:
            "accuracy_mean": float(arrays.accuracy[budgets.rows, picked].mean()),
            "latency_mean": float(arrays.latency_ms[budgets.rows, picked].mean()),
            "budget_violation_rate": float((upper[at, picked] > budgets.budget_ms).mean()),
+           "expected_violation_rate": (math.nan if controller.fit is None else float(
+               (1 - controller.fit.fit_probability(budgets.budget_ms, upper[at, picked][:, None])).mean())),
            "unguarded_accuracy_mean": float(arrays.accuracy[budgets.rows, unguarded].mean()),
            "unguarded_budget_violation_rate": float((upper[at, unguarded] > budgets.budget_ms).mean()),
            "label_accuracy_mean": float(arrays.accuracy[budgets.rows, budgets.label].mean())}
@@ -302,6 +320,27 @@ def train_controller(
         torch.set_num_threads(threads)
 
 
+def _stage1_prices(train: ControllerArrays, label_value: np.ndarray, prior: np.ndarray, fit: FitModel | None,
+                   label_prices: ViolationPrices | None, l_full_ms: float, config: TrainingConfig,
+                   options: dict[str, list]) -> ViolationPrices | None:
+    """Stage 1's own prices: its choice within a tier reads the prior accuracy, not the sample's, so the price
+    that holds the labels' violation rate does not hold its own. Solved on the training samples with the
+    tier of their label (what the tier head learns) and the prior as the value."""
+    if label_prices is None or fit is None:
+        return None
+    n_per_tier = len(options["top_k"]) * len(options["num_active_blocks"])
+    tier_index = np.arange(train.upper_ms.shape[1]) // n_per_tier
+
+    def label_tier(fraction: float, rows: np.ndarray) -> np.ndarray:
+        budget = np.full(len(rows), fraction * l_full_ms)
+        label = best_configs(label_value[rows], train.upper_ms[rows], budget, (fit, label_prices.at(np.full(len(rows), fraction))))
+        return tier_index[None, :] == (label // n_per_tier)[:, None]
+
+    value = np.broadcast_to(prior, train.upper_ms.shape)
+    return price_violations(value, train.upper_ms, fit, l_full_ms, config.label_violation_target, seed=config.seed,
+                            allowed_at=label_tier)
+
+
 def _train(arrays, rule, estimator, options, space_name, l_full_ms, config, on_epoch) -> TrainedController:
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
@@ -314,22 +353,27 @@ def _train(arrays, rule, estimator, options, space_name, l_full_ms, config, on_e
         depth=config.depth, dropout=config.dropout, heads=STAGES[config.stage], options=options)
     net = build_net(net_config)
     kind = "supervised" if config.stage == "supervised" else "two_stage"
+    train_labels = label_accuracy(train, train, config.label_prior_weight)
+    prices = (price_violations(train_labels, train.upper_ms, rule.fit, l_full_ms, config.label_violation_target, seed=config.seed)
+              if config.label_violation_target > 0 and rule.fit is not None else None)
+    prior = train.accuracy.mean(axis=0)
     controller = LearnedController(net, kind, space_name, l_full_ms, estimator, rule.latency_factor,
-                                   rule.latency_quantile, rule.output_length, train.accuracy.mean(axis=0))
+                                   rule.latency_quantile, rule.output_length, prior, fit=rule.fit,
+                                   prices=prices if config.stage == "supervised" else
+                                   _stage1_prices(train, train_labels, prior, rule.fit, prices, l_full_ms, config, options))
     train_x, val_x = net.inputs(train.question, train.global_view), net.inputs(val.question, val.global_view)
     net.fit_scalers(train_x)
     net.to(device)
     train_x, val_x = train_x.to(device), val_x.to(device)
-    train_labels = label_accuracy(train, train, config.label_prior_weight)
     val_budgets = _Budgets(val, _draw_fractions(np.random.default_rng(config.seed + 1), len(val_rows),
                                                 config.budgets_per_sample), l_full_ms, options,
-                           label_accuracy(val, train, config.label_prior_weight))
+                           label_accuracy(val, train, config.label_prior_weight), rule.fit, prices)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, best_loss, best_state, best_epoch = [], math.inf, copy.deepcopy(net.state_dict()), 0
     for epoch in tqdm(range(1, config.num_epochs + 1), desc=f"train {kind} controller", leave=False):
         started = time.perf_counter()
         budgets = _Budgets(train, _draw_fractions(rng, len(train_rows), config.budgets_per_sample), l_full_ms, options,
-                           train_labels)
+                           train_labels, rule.fit, prices)
         fraction = torch.as_tensor(budgets.fraction, dtype=torch.float32, device=device)
         rows = torch.as_tensor(budgets.rows, device=device)
         labels = {k: torch.as_tensor(budgets.labels[k], device=device) for k in net.config.heads}
