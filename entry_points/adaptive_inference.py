@@ -50,7 +50,8 @@ class Params:
     measured_table: str = "data/profiles/cpu-base-vlm"  # the lookup table's measured runs (its calibration part)
     contention: bool = False  # on: a background load mid-run, calibration on and off
     contention_fraction: float = 0.8
-    contention_workers: int = 2
+    contention_workers: int = 2  # background processes of the load
+    contention_duty: float = ExperimentSettings.contention_duty  # share of each 20 ms a worker spins (1: always)
     importance: str = ""  # an importance run id or JSON file; '' = the checkpoint's drop order
     seed: int = 0  # request order
     num_threads: int = 1  # torch intra-op threads
@@ -79,7 +80,8 @@ def prepare(params: Params) -> Prepared:
     settings = ExperimentSettings(
         number_list(params.budget_fraction, "budget_fraction"), params.latency_budget, params.warmup, params.guardrail,
         CalibrationSettings(params.calibration_window, params.calibration_quantile, params.calibration_method),
-        params.compare, params.contention, params.contention_fraction, params.contention_workers)
+        params.compare, params.contention, params.contention_fraction, params.contention_workers,
+        params.contention_duty)
     requests, warmup = request_stream(comma_list(params.dataset, "dataset", DATASETS) or list(DATASETS), params.split,
                                       params.num_samples, params.warmup, params.seed)
     models = resolve_models(params.model_path, params.controller_path, params.estimator, params.importance, params.device)

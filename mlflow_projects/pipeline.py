@@ -46,6 +46,7 @@ class Params:
     controller_train_samples: int = 40  # per data set (the full build: build_controller_data's 1000)
     controller_val_samples: int = 10  # per data set
     controller_epochs: int = 15  # supervised and stage-1 (the full runs: 50)
+    grpo_epochs: int = 15  # the end-to-end GRPO controller (the full run: 100)
     # A committed table must match base_checkpoint's model and the current suite sample by sample;
     # the profile step's is measured on both by construction.
     controller_table: str = ""  # measured test-split table the controllers are scored on; '' = the profile step's
@@ -105,8 +106,8 @@ def steps_for(params: Params) -> list[Step]:
 
 
 def controller_steps(params: Params, base_model: Callable[[Mapping[str, str]], str]) -> list[Step]:
-    """controller data -> supervised and stage-1 controllers (each scored on the held-out part of the
-    measured table) -> promote the better under `controller_require` -> evaluate the champion beside
+    """controller data -> supervised, stage-1 and (briefly) end-to-end GRPO controllers (each scored on the
+    held-out part of the measured table) -> promote the best under `controller_require` -> evaluate the champion beside
     every yardstick -> adaptive inference on the champions (live requests, the served model registered).
 
     The controller data directory is named after the estimator run it takes latency from: a retrained
@@ -129,6 +130,9 @@ def controller_steps(params: Params, base_model: Callable[[Mapping[str, str]], s
         Step("two_stage_controller", "train_two_stage_controller", lambda done: {
             **common(done), "results_dir": data_dir(done), "stage": "stage1",
             "num_epochs_stage1": str(params.controller_epochs)
+        }),
+        Step("grpo_controller", "train_grpo_controller", lambda done: {
+            **common(done), "profiling_results": data_dir(done), "num_epochs": str(params.grpo_epochs)
         }),
         Step("promote_controller", "promote", lambda done: {
             "model_name": "budget-controller", "require": params.controller_require,

@@ -6,6 +6,7 @@ contention experiment's background load started and stopped."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -52,6 +53,14 @@ def test_calibration_keeps_the_static_factor_until_it_has_seen_enough_then_follo
     frozen.update({"vision": 9.0, "prefill": 9.0, "decode": 9.0}, {"vision": 1.0, "prefill": 1.0, "decode": 1.0})
     assert frozen.factors() == {"vision": 1.5, "prefill": 1.5, "decode": 1.5}
     assert frozen.drift({"vision": 1.0, "prefill": 1.0, "decode": 1.0}) == 1.0
+
+    rng = np.random.default_rng(0)  # the running quantile is numpy's (linear) quantile of the window
+    for window, quantile in ((7, 0.95), (50, 0.9), (50, 0.5)):
+        running = OnlineCalibration(1.0, window=window, quantile=quantile, min_count=1)
+        ratios = rng.lognormal(0.0, 0.3, 3 * window)
+        for i, ratio in enumerate(ratios, start=1):
+            running.update({"vision": ratio}, {"vision": 1.0})
+            assert running.factor("vision") == pytest.approx(np.quantile(ratios[max(0, i - window):i], quantile), rel=1e-12)
 
     ewma = OnlineCalibration(1.0, method="ewma", ewma_alpha=0.5, min_count=1)
     for ratio in (2.0, 4.0):
@@ -153,6 +162,19 @@ def test_the_background_load_is_gone_after_the_block_whatever_the_exit():
             os.kill(pid, 0)
 
 
+def test_a_duty_cycled_load_spins_for_its_share_of_the_time():
+    import psutil
+
+    with CPULoad(1, duty=0.25, period_ms=20) as load:
+        load.start()
+        worker = psutil.Process(load.pids[0])
+        time.sleep(0.3)  # the interpreter's start-up is all CPU
+        before, started = sum(worker.cpu_times()[:2]), time.perf_counter()
+        time.sleep(1.0)
+        share = (sum(worker.cpu_times()[:2]) - before) / (time.perf_counter() - started)
+    assert 0.1 < share < 0.5, share  # 0.25 of one core, give or take the scheduler
+
+
 # --- the entry point -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def measured_table(tmp_path_factory) -> str:
@@ -231,6 +253,7 @@ def test_a_controller_of_another_knob_space_is_refused_in_one_line(tracking_stor
     ({"dataset": "synth_nope"}, "synth_nope"),
     ({"controller_path": "models:/budget-controller@champion"}, "budget-controller"),
     ({"calibration_quantile": "1.5"}, "parameter calibration_quantile"),
+    ({"contention_duty": "0"}, "parameter contention_duty"),
 ])
 def test_bad_input_is_one_line_and_no_run(extra, expected, tracking_store, controller_dir, estimator_file,
                                           measured_table, capsys):

@@ -239,20 +239,22 @@ def test_pipeline_controllers_follow_the_estimator_and_promote_under_the_adheren
     steps = {s.name: s for s in pipeline.steps_for(pipeline.Params(base_checkpoint=str(checkpoint)))}
     names = list(steps)
     assert (names.index("promote_estimator") < names.index("controller_data") < names.index("supervised_controller")
-            < names.index("two_stage_controller") < names.index("promote_controller") < names.index("evaluate_controller"))
+            < names.index("two_stage_controller") < names.index("grpo_controller") < names.index("promote_controller")
+            < names.index("evaluate_controller"))
     done = {"base_model": "b" * 32, "train_estimator": "e" * 32, "controller_data": "c" * 32}
     data = steps["controller_data"].parameters(done)
     assert data["estimator"] == "e" * 32 and data["base_model"] == f"runs:/{'b' * 32}/model"
     # A retrained estimator gets a new data directory (the old one's build identity would refuse it).
     assert data["output_dir"] != steps["controller_data"].parameters({**done, "train_estimator": "f" * 32})["output_dir"]
-    for name, key in (("supervised_controller", "profiling_results"), ("two_stage_controller", "results_dir")):
+    for name, key in (("supervised_controller", "profiling_results"), ("two_stage_controller", "results_dir"),
+                      ("grpo_controller", "profiling_results")):
         trainer = steps[name].parameters(done)
         assert trainer[key] == data["output_dir"] and trainer["estimator"] == "e" * 32
         # scored on the profile step's table unless another measured table is named
         assert trainer["measured_table"] == pipeline.Params().profile_results_dir
     named = {s.name: s for s in pipeline.steps_for(pipeline.Params(base_checkpoint=str(checkpoint),
                                                                    controller_table="data/profiles/other"))}
-    for name in ("supervised_controller", "two_stage_controller", "evaluate_controller"):
+    for name in ("supervised_controller", "two_stage_controller", "grpo_controller", "evaluate_controller"):
         assert named[name].parameters(done)["measured_table"] == "data/profiles/other"
     promote = steps["promote_controller"]
     assert not promote.reusable and promote.parameters(done) == {"model_name": "budget-controller",

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
 
 STAGES: tuple[str, ...] = ("vision", "prefill", "decode")
 METHODS: tuple[str, ...] = ("quantile", "ewma")
@@ -78,7 +77,13 @@ class OnlineCalibration:
             return self.static_factor
         if self.method == "ewma":
             return self._ewma[stage]
-        return float(np.quantile(np.fromiter(ratios, dtype=np.float64), self.quantile))
+        # numpy's default (linear) quantile by hand: on a window of 50, np.quantile's array set-up costs
+        # ~40 us a stage, sorting a list ~3 us, and this runs on every request
+        values = sorted(ratios)
+        position = self.quantile * (len(values) - 1)
+        low = int(position)
+        high = min(low + 1, len(values) - 1)
+        return values[low] + (values[high] - values[low]) * (position - low)
 
     def factors(self) -> dict[str, float]:
         return {stage: self.factor(stage) for stage in STAGES}

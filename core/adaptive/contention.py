@@ -1,8 +1,12 @@
 """Background CPU load for the contention experiment: busy processes on the machine's cores.
 
-`CPULoad` starts `workers` Python processes that spin until stopped. They are stopped (terminated,
-then killed by pid) by `stop()`, on leaving the `with` block whatever the exit, and at interpreter
-exit, so an interrupted run leaves no load behind.
+`CPULoad` starts `workers` Python processes that spin until stopped: each busy for `duty` of every
+`period_ms` and asleep for the rest (duty 1: always busy). On 2 cores with a 1-thread model, two
+always-busy workers halve the model's share of its core (p50 latency x2.3: no config fits a budget
+below L_full), one leaves the model its core (p50 x1.0); two at duty 0.5 share the core part of the
+time, which is the regime an online calibration is for: slower, and still servable.
+They are stopped (terminated, then killed by pid) by `stop()`, on leaving the `with` block whatever
+the exit, and at interpreter exit, so an interrupted run leaves no load behind.
 """
 
 from __future__ import annotations
@@ -11,16 +15,28 @@ import atexit
 import subprocess
 import sys
 
-_SPIN = "while True:\n    pass\n"
+_SPIN = """import time
+busy, idle = {busy}, {idle}
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < busy:
+        pass
+    if idle > 0:
+        time.sleep(idle)
+"""
 
 
 class CPULoad:
     """Busy-loop processes on demand (module doc)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, duty: float = 1.0, period_ms: float = 20.0) -> None:
         if workers < 1:
             raise ValueError(f"parameter contention_workers must be >= 1, got {workers}")
-        self.workers = workers
+        if not 0 < duty <= 1:
+            raise ValueError(f"parameter contention_duty must lie in (0, 1], got {duty}")
+        if not period_ms > 0:
+            raise ValueError(f"parameter contention_period_ms must be > 0, got {period_ms}")
+        self.workers, self.duty, self.period_ms = workers, duty, period_ms
         self.processes: list[subprocess.Popen] = []
         atexit.register(self.stop)
 
@@ -35,7 +51,9 @@ class CPULoad:
     def start(self) -> None:
         if self.running:
             return
-        self.processes = [subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.DEVNULL,
+        busy = self.duty * self.period_ms / 1e3
+        code = _SPIN.format(busy=busy, idle=self.period_ms / 1e3 - busy)
+        self.processes = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                           for _ in range(self.workers)]
 

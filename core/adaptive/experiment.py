@@ -61,6 +61,7 @@ class ExperimentSettings:
     contention: bool = False
     contention_fraction: float = 0.8
     contention_workers: int = 2
+    contention_duty: float = 0.5  # share of each 20 ms a worker spins (core.adaptive.contention)
 
     def __post_init__(self) -> None:
         """ValueError naming the parameter (the entry point's name) of the first unusable setting."""
@@ -71,6 +72,8 @@ class ExperimentSettings:
         for name in ("warmup", "contention_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parameter {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.contention_duty <= 1:
+            raise ValueError(f"parameter contention_duty must lie in (0, 1], got {self.contention_duty}")
 
 
 def request_stream(datasets: Sequence[str], split: str, num_samples: int, warmup: int,
@@ -149,7 +152,7 @@ def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estim
         third = max(1, len(requests) // 3)
         for calibrate in (True, False):
             session = _adaptive(backend, controller, estimator, settings, calibrate)
-            with CPULoad(settings.contention_workers) as load:
+            with CPULoad(settings.contention_workers, settings.contention_duty) as load:
                 for i, sample in enumerate(tqdm(requests, desc=f"contention, calibration {'on' if calibrate else 'off'}",
                                                 disable=not progress)):
                     if i == third:

@@ -126,10 +126,15 @@ class AdaptiveInference:
         t = time.perf_counter()
         p90 = self.guardrail.stage_p90(sizes)
         length = int(controller.output_length.predict(q)[0])
+        steps = max(length - 1, 0)
         drift = self.calibration.drift({"vision": float(p90[:, 0].mean()), "prefill": float(p90[:, 1].mean()),
-                                        "decode": float(p90[:, 2].mean()) * max(length - 1, 0)})
-        index, _, _ = controller.decide_arrays(q, gv if controller.net.uses_global_view else None, sizes[None],
-                                               np.array([budget_ms / drift]))
+                                        "decode": float(p90[:, 2].mean()) * steps})
+        budget = np.array([budget_ms / drift])
+        # The rule's P90 of T_total from the guardrail's stage P90s (what `decide_arrays` computes with a
+        # second estimator pass): one estimator pass per request serves both.
+        upper = (p90[:, 0] + p90[:, 1] + steps * p90[:, 2])[None] * controller.latency_factor
+        index, _ = controller.choose(controller.head_log_probs(q, gv if controller.net.uses_global_view else None, budget),
+                                     upper, budget)
         first = self._config(int(index[0]))
         t_decision = _ms(t)
 
