@@ -145,12 +145,15 @@ class OutputLengthModel:
 
     def predict(self, question: np.ndarray) -> np.ndarray:
         """(N, d) question features -> (N,) int64 predicted answer lengths in [1, max_tokens]."""
-        x = (np.asarray(question, dtype=np.float64) - self.mean) / self.std
-        raw = x @ self.weights[:-1] + self.weights[-1]
+        folded = self.__dict__.get("_folded")
+        if folded is None:  # the scaling folded into the weights: one product per call on the request path
+            slope = self.weights[:-1] / self.std
+            folded = self.__dict__["_folded"] = (slope, float(self.weights[-1] - self.mean @ slope))
+        raw = np.asarray(question, dtype=np.float64) @ folded[0] + folded[1]
         return np.clip(np.rint(raw), 1, self.max_tokens).astype(np.int64)
 
     def as_dict(self) -> dict:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items()}
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items() if not k.startswith("_")}
 
     @classmethod
     def from_dict(cls, values: dict) -> "OutputLengthModel":
@@ -477,11 +480,12 @@ def describe_rule(controller: LearnedController) -> dict[str, object]:
 def _net_log_probs(net: ControllerNet, question: np.ndarray, gv: np.ndarray | None,
                    fraction: np.ndarray) -> dict[str, np.ndarray]:
     """{head: log-probs} of one net in eval mode: (N, options), or (N, tiers, options) for per-tier heads."""
-    net.eval()
+    if net.training:  # eval() walks every module: 10-20 us a call on the per-request path
+        net.eval()
     if len(question) <= _NUMPY_MAX_REQUESTS:
         logits = net.forward_numpy(fraction, np.hstack([question, gv]) if net.uses_global_view else question)
     else:
         logits = {k: v.numpy() for k, v in net(torch.as_tensor(fraction), net.inputs(question, gv)).items()}
     if net.config.per_tier:
         logits = {k: v.reshape(len(v), len(TIERS), -1) for k, v in logits.items()}
-    return {k: v - np.logaddexp.reduce(v, axis=-1, keepdims=True) for k, v in logits.items()}
+    return {k: (v - np.logaddexp.reduce(v, axis=-1, keepdims=True)).astype(np.float64) for k, v in logits.items()}

@@ -132,32 +132,45 @@ class ControllerNet(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward_numpy(self, fraction: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
-        """`forward` in eval mode with numpy (float64): a small batch pays torch's per-op dispatch several
-        times over the arithmetic. The weights are copied out once (call `refresh_numpy` after changing them)."""
+        """`forward` in eval mode with numpy (float32, as torch): a small batch pays torch's per-op dispatch
+        several times over the arithmetic. The weights are copied out once (call `refresh_numpy` after
+        changing them), with the feature scaling folded into the first trunk layer and the heads into one
+        matrix: on the live path, after the VLM has run through the caches, each numpy call costs
+        several microseconds, so the decision's cost is its count of calls (0.59 ms a request with float64
+        weights and a call per step, `benchmarks/bench_controller_decision.py`)."""
         weights = self.__dict__.get("_numpy_weights") or self.refresh_numpy()
-
-        def mlp(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-            for i, (w, b) in enumerate(layers):
-                x = x @ w + b
-                if i < len(layers) - 1 or layers is weights["trunk"]:
-                    x = x / (1.0 + np.exp(-x))  # SiLU
-            return x
-
-        f = np.asarray(fraction, dtype=np.float64).reshape(-1, 1)
+        f = np.asarray(fraction, dtype=np.float32).reshape(-1, 1)
         angles = f * weights["frequencies"]
-        budget = mlp(np.hstack([f, np.sin(angles), np.cos(angles)]), weights["budget"])
-        x = (np.asarray(features, dtype=np.float64) - weights["mean"]) / weights["std"]
-        hidden = mlp(np.hstack([x, budget]), weights["trunk"])
-        return {k: hidden @ w + b for k, (w, b) in weights["heads"].items()}
+        budget = np.concatenate([f, np.sin(angles), np.cos(angles)], axis=1)
+        for i, (w, b) in enumerate(weights["budget"]):
+            budget = budget @ w + b
+            if i < len(weights["budget"]) - 1:
+                budget = budget / (1.0 + np.exp(-budget))  # SiLU
+        x_weight, budget_weight, bias = weights["first"]
+        hidden = np.asarray(features, dtype=np.float32) @ x_weight + budget @ budget_weight + bias
+        hidden = hidden / (1.0 + np.exp(-hidden))
+        for w, b in weights["trunk"]:
+            hidden = hidden @ w + b
+            hidden = hidden / (1.0 + np.exp(-hidden))
+        logits = hidden @ weights["heads"][0] + weights["heads"][1]
+        return {k: logits[:, start:stop] for k, (start, stop) in weights["head_slices"].items()}
 
     def refresh_numpy(self) -> dict:
         def pairs(modules) -> list[tuple[np.ndarray, np.ndarray]]:
-            return [(m.weight.detach().cpu().double().numpy().T.copy(), m.bias.detach().cpu().double().numpy().copy())
+            return [(m.weight.detach().cpu().float().numpy().T.copy(), m.bias.detach().cpu().float().numpy().copy())
                     for m in modules if isinstance(m, nn.Linear)]
 
-        weights = {"frequencies": self.budget.frequencies.cpu().double().numpy(), "budget": pairs(self.budget.mlp),
-                   "mean": self.feature_mean.cpu().double().numpy(), "std": self.feature_std.cpu().double().numpy(),
-                   "trunk": pairs(self.trunk), "heads": {k: pairs([h])[0] for k, h in self.heads.items()}}
+        trunk = pairs(self.trunk)
+        (w, b), in_dim = trunk[0], self.feature_mean.numel()
+        mean, std = self.feature_mean.cpu().float().numpy(), self.feature_std.cpu().float().numpy()
+        x_weight = w[:in_dim] / std[:, None]  # (x - mean) / std @ W = x @ (W / std) - (mean / std) @ W
+        heads = [pairs([h])[0] for h in self.heads.values()]
+        bounds = np.cumsum([0] + [hw.shape[1] for hw, _ in heads])
+        weights = {"frequencies": self.budget.frequencies.cpu().float().numpy(), "budget": pairs(self.budget.mlp),
+                   "first": (np.ascontiguousarray(x_weight), np.ascontiguousarray(w[in_dim:]), b - (mean / std) @ w[:in_dim]),
+                   "trunk": trunk[1:],
+                   "heads": (np.concatenate([hw for hw, _ in heads], axis=1), np.concatenate([hb for _, hb in heads])),
+                   "head_slices": {k: (int(bounds[i]), int(bounds[i + 1])) for i, k in enumerate(self.heads)}}
         self.__dict__["_numpy_weights"] = weights
         return weights
 
