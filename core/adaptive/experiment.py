@@ -61,7 +61,7 @@ class ExperimentSettings:
     contention: bool = False
     contention_fraction: float = 0.8
     contention_workers: int = 2
-    contention_duty: float = 0.5  # share of each 20 ms a worker spins (core.adaptive.contention)
+    contention_duty: float = 0.85  # share of each 20 ms a worker spins (core.adaptive.contention)
 
     def __post_init__(self) -> None:
         """ValueError naming the parameter (the entry point's name) of the first unusable setting."""
