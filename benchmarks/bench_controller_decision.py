@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from core.control.decision import LearnedController, OutputLengthModel, request_columns  # noqa: E402
 from core.control.policies import ControllerConfig, build_net, knob_options  # noqa: E402
+from core.control.risk import PRICE_FRACTIONS, FitModel, ViolationPrices  # noqa: E402
 from core.knobs import BASE_VLM_SPACE, TIERS  # noqa: E402
 from core.latency.estimator import EstimatorConfig, train_estimator  # noqa: E402
 from tests.helpers import synthetic_profile  # noqa: E402
@@ -47,8 +48,11 @@ def controller(stage: str) -> LearnedController:
     heads = ("tier",) if stage == "stage1" else ("tier", "top_k", "num_active_blocks")
     net = build_net(ControllerConfig(question_dim=DIM, global_view_dim=DIM, heads=heads, options=options)).eval()
     length = OutputLengthModel(np.zeros(DIM), np.ones(DIM), np.r_[np.zeros(DIM), 2.4], 8)
+    # stage 1 with its risk pricing (core.control.risk), as trained by default
+    fit = FitModel.from_ratios(np.linspace(0.6, 1.3, 1001)) if stage == "stage1" else None
+    prices = ViolationPrices(np.array(PRICE_FRACTIONS), np.full(len(PRICE_FRACTIONS), 2.0), 0.02) if fit else None
     return LearnedController(net, "supervised" if stage != "stage1" else "two_stage", BASE_VLM_SPACE.name, 20.0,
-                             estimator, 1.1, 0.97, length, np.linspace(0, 1, 75))
+                             estimator, 1.1, 0.95, length, np.linspace(0, 1, 75), fit=fit, prices=prices)
 
 
 def requests(n: int, distinct: bool, seed: int = 0) -> pd.DataFrame:
