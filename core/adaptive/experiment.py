@@ -8,9 +8,10 @@ Order, all batch 1, one request at a time:
   2. comparison pass, per budget and request: the adaptive answer, then the static full config's, then
      the lookup table's (a static config per budget, from a measured table's calibration part), back to
      back, so drift of the machine touches the three alike;
-  3. contention (optional), at one budget: the requests answered twice in the same order, first with
-     online calibration, then with it frozen at the controller's static factor (the ablation); in each
-     pass the first third runs on a quiet machine, the middle third under `CPULoad`, the rest after it.
+  3. contention (optional), at one budget: each request answered twice back to back, with online
+     calibration and with it frozen at the controller's static factor (the ablation; which goes first
+     alternates), the first third on a quiet machine, the middle third under `CPULoad`, the rest after
+     it. Two passes one after the other met different loads (p50 under load 16.7-21.5 ms in one run).
 """
 
 from __future__ import annotations
@@ -150,24 +151,26 @@ def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estim
     if settings.contention:
         budget = settings.contention_fraction * l_full
         third = max(1, len(requests) // 3)
-        for calibrate in (True, False):
-            session = _adaptive(backend, controller, estimator, settings, calibrate)
-            with CPULoad(settings.contention_workers, settings.contention_duty) as load:
-                for i, sample in enumerate(tqdm(requests, desc=f"contention, calibration {'on' if calibrate else 'off'}",
-                                                disable=not progress)):
-                    if i == third:
-                        load.start()
-                        if on_load:
-                            on_load("start", load.pids)
-                    if i == 2 * third and load.running:
-                        pids = load.pids
-                        load.stop()
-                        if on_load:
-                            on_load("stop", pids)
-                    phase = "before" if i < third else "during" if i < 2 * third else "after"
+        sessions = {True: _adaptive(backend, controller, estimator, settings, True),
+                    False: _adaptive(backend, controller, estimator, settings, False)}
+        with CPULoad(settings.contention_workers, settings.contention_duty) as load:
+            for i, sample in enumerate(tqdm(requests, desc="contention, calibration on and off", disable=not progress)):
+                if i == third:
+                    load.start()
+                    if on_load:
+                        on_load("start", load.pids)
+                if i == 2 * third and load.running:
+                    pids = load.pids
+                    load.stop()
+                    if on_load:
+                        on_load("stop", pids)
+                phase = "before" if i < third else "during" if i < 2 * third else "after"
+                # Both sessions answer each request back to back, first one then the other in turn, so the
+                # load (whose effect drifts over seconds) touches calibration on and off alike.
+                for calibrate in ((True, False) if i % 2 == 0 else (False, True)):
                     rows.append({"method": "adaptive", "order": order, "fraction": settings.contention_fraction,
                                  "phase": phase, "calibration": "on" if calibrate else "off",
-                                 **session.answer(sample, budget).as_dict()})
+                                 **sessions[calibrate].answer(sample, budget).as_dict()})
                     order += 1
     frame = pd.DataFrame(rows)
     frame["budget_percent"] = [budget_percent(f) if f > 0 else "fixed" for f in frame["fraction"]]
