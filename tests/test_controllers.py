@@ -197,6 +197,14 @@ def test_a_saved_controller_decides_as_before(tmp_path, estimator_file):
                            ignore_index=True)  # the numpy net and the latency cache of single requests
     pd.testing.assert_frame_equal(before, one_by_one, check_exact=False)
     assert (before.loc[before["fits"], "T_total_upper_ms"] <= 20.0).all() and list(before.columns[:3]) == list(KNOBS)
+    # the request path ranks by logits: each head's normaliser shifts every candidate alike
+    c, budget = trained.controller, np.linspace(8.0, 30.0, len(arrays.sample_ids))
+    for rows in (slice(0, 5), slice(0, None)):  # the numpy net, and the torch net of a large batch
+        normalised = c.choose(c.head_log_probs(arrays.question[rows], arrays.global_view[rows], budget[rows]),
+                              arrays.upper_ms[rows], budget[rows])[0]
+        raw = c.choose(c.head_log_probs(arrays.question[rows], arrays.global_view[rows], budget[rows], normalise=False),
+                       arrays.upper_ms[rows], budget[rows])[0]
+        assert (normalised == raw).all()
 
 
 # --- the entry points, end to end -------------------------------------------------------------------

@@ -133,8 +133,8 @@ class AdaptiveInference:
         # The rule's P90 of T_total from the guardrail's stage P90s (what `decide_arrays` computes with a
         # second estimator pass): one estimator pass per request serves both.
         upper = (p90[:, 0] + p90[:, 1] + steps * p90[:, 2])[None] * controller.latency_factor
-        index, _ = controller.choose(controller.head_log_probs(q, gv if controller.net.uses_global_view else None, budget),
-                                     upper, budget)
+        index, _ = controller.choose(controller.head_log_probs(q, gv if controller.net.uses_global_view else None, budget,
+                                                               normalise=False), upper, budget)
         first = self._config(int(index[0]))
         t_decision = _ms(t)
 

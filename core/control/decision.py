@@ -359,12 +359,16 @@ class LearnedController:
         gv = requests[gv_columns].to_numpy(np.float32) if gv_columns else None
         return self.head_log_probs(requests[q_columns].to_numpy(np.float32), gv, budget_ms)
 
-    def head_log_probs(self, question: np.ndarray, gv: np.ndarray | None, budget_ms: np.ndarray) -> dict[str, np.ndarray]:
-        """`log_probs` on arrays: (N, q) question, (N, g) global-view features (None if unused), (N,) budgets."""
+    def head_log_probs(self, question: np.ndarray, gv: np.ndarray | None, budget_ms: np.ndarray,
+                       normalise: bool = True) -> dict[str, np.ndarray]:
+        """`log_probs` on arrays: (N, q) question, (N, g) global-view features (None if unused), (N,) budgets.
+        `normalise=False` returns the logits: the rule ranks configs by sums of one option per head, within
+        a tier for stage 2, so a head's normaliser shifts every candidate alike and the pick is the same
+        (the request path skips it: a few numpy calls fewer)."""
         fraction = np.asarray(budget_ms, dtype=np.float32) / self.l_full_ms
-        out = _net_log_probs(self.net, question, gv, fraction)
+        out = _net_log_probs(self.net, question, gv, fraction, normalise)
         if self.stage2 is not None:
-            out.update(_net_log_probs(self.stage2, question, gv, fraction))
+            out.update(_net_log_probs(self.stage2, question, gv, fraction, normalise))
         return out
 
     def _uncalibrated_upper(self, sizes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -413,7 +417,7 @@ class LearnedController:
         `request_columns()` order, (N,) budgets -> (config indices into the grid, fits, calibrated T_total of
         the pick). The per-request path of a server that keeps features as arrays."""
         upper = self._uncalibrated_upper(sizes, self.output_length.predict(question)) * self.latency_factor
-        index, fits = self.choose(self.head_log_probs(question, global_view, budget_ms), upper, budget_ms)
+        index, fits = self.choose(self.head_log_probs(question, global_view, budget_ms, normalise=False), upper, budget_ms)
         return index, fits, upper[np.arange(len(index)), index]
 
     # persistence ---------------------------------------------------------------------------------
@@ -478,7 +482,7 @@ def describe_rule(controller: LearnedController) -> dict[str, object]:
 
 @torch.inference_mode()
 def _net_log_probs(net: ControllerNet, question: np.ndarray, gv: np.ndarray | None,
-                   fraction: np.ndarray) -> dict[str, np.ndarray]:
+                   fraction: np.ndarray, normalise: bool = True) -> dict[str, np.ndarray]:
     """{head: log-probs} of one net in eval mode: (N, options), or (N, tiers, options) for per-tier heads."""
     if net.training:  # eval() walks every module: 10-20 us a call on the per-request path
         net.eval()
@@ -488,4 +492,6 @@ def _net_log_probs(net: ControllerNet, question: np.ndarray, gv: np.ndarray | No
         logits = {k: v.numpy() for k, v in net(torch.as_tensor(fraction), net.inputs(question, gv)).items()}
     if net.config.per_tier:
         logits = {k: v.reshape(len(v), len(TIERS), -1) for k, v in logits.items()}
+    if not normalise:
+        return {k: v.astype(np.float64) for k, v in logits.items()}
     return {k: (v - np.logaddexp.reduce(v, axis=-1, keepdims=True)).astype(np.float64) for k, v in logits.items()}
