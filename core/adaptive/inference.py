@@ -27,7 +27,7 @@ import torch
 
 from core.adaptive.calibration import OnlineCalibration
 from core.adaptive.guardrail import Guardrail
-from core.control.decision import LearnedController, grid_arrays
+from core.control.decision import LearnedController, grid_arrays, total_from_stages
 from core.knobs import TIERS, KnobConfig
 from core.timing import StageClock
 from core.vlm.base_vlm import BaseVLMBackend, apply_knobs
@@ -132,7 +132,7 @@ class AdaptiveInference:
         budget = np.array([budget_ms / drift])
         # The rule's P90 of T_total from the guardrail's stage P90s (what `decide_arrays` computes with a
         # second estimator pass): one estimator pass per request serves both.
-        upper = (p90[:, 0] + p90[:, 1] + steps * p90[:, 2])[None] * controller.latency_factor
+        upper = total_from_stages(p90, steps)[None] * controller.latency_factor
         index, _ = controller.choose(controller.head_log_probs(q, gv if controller.net.uses_global_view else None, budget,
                                                                normalise=False), upper, budget)
         first = self._config(int(index[0]))

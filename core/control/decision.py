@@ -212,9 +212,13 @@ def latency_from_sizes(estimator: LatencyEstimator, sizes: np.ndarray, output_to
         np.tile(grid["num_active_blocks"].astype(np.float64), len(unique))])
     out = estimator.predict_array(raw).reshape(len(unique), n_configs, 6)
     steps = np.maximum(unique[:, -1] - 1, 0)[:, None]
-    point = out[..., 0] + out[..., 1] + steps * out[..., 2]
-    upper = out[..., 3] + out[..., 4] + steps * out[..., 5]
-    return point[inverse], upper[inverse]
+    return total_from_stages(out[..., :3], steps)[inverse], total_from_stages(out[..., 3:], steps)[inverse]
+
+
+def total_from_stages(stages_ms: np.ndarray, decode_steps: np.ndarray | int) -> np.ndarray:
+    """(..., 3) vision, prefill and one decode step's ms -> (...) T_total of an answer of `decode_steps`
+    forwards after the first token (broadcast against the leading axes)."""
+    return stages_ms[..., 0] + stages_ms[..., 1] + decode_steps * stages_ms[..., 2]
 
 
 def calibration_ratios(upper_ms: np.ndarray, sample_ids: Sequence[str], options: dict[str, list],

@@ -6,9 +6,9 @@ all answers within B), and on the measured table one answer's tail over its medi
 every config (data/profiles/cpu-base-vlm/README.md: 2.02-2.16x at the 97th percentile). A request
 whose next config up is worth much accuracy (a text question that the medium tier reads and the low
 tier does not) may then take a few points of violation risk that a request whose cheap config
-answers as well (a colour question) never needs. On the measured table's calibration part this is
-what a per-data-set lookup gains by pricing risk: 0.478 -> 0.678 at 80% of L_full, held-out
-adherence 0.985 -> 0.991 (the per-config 97th percentile leaves slack that a price spends).
+answers as well (a colour question) never needs. On the held-out measured runs the supervised
+controller with priced labels reaches 0.656 at 80% of L_full where the per-data-set lookup (a 97th
+percentile per config) reaches 0.478, at adherence 0.988 (data/controllers/README.md).
 
   FitModel          P(measured T_total <= B) of a config whose calibrated upper latency is U: the
                     empirical CDF of measured / U over the calibration runs, read at B / U

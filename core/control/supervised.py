@@ -357,10 +357,11 @@ def _train(arrays, rule, estimator, options, space_name, l_full_ms, config, on_e
     prices = (price_violations(train_labels, train.upper_ms, rule.fit, l_full_ms, config.label_violation_target, seed=config.seed)
               if config.label_violation_target > 0 and rule.fit is not None else None)
     prior = train.accuracy.mean(axis=0)
+    # the supervised rule reads the heads alone; stage 1's choice within its tier needs prices of its own
+    rule_prices = (prices if config.stage == "supervised"
+                   else _stage1_prices(train, train_labels, prior, rule.fit, prices, l_full_ms, config, options))
     controller = LearnedController(net, kind, space_name, l_full_ms, estimator, rule.latency_factor,
-                                   rule.latency_quantile, rule.output_length, prior, fit=rule.fit,
-                                   prices=prices if config.stage == "supervised" else
-                                   _stage1_prices(train, train_labels, prior, rule.fit, prices, l_full_ms, config, options))
+                                   rule.latency_quantile, rule.output_length, prior, fit=rule.fit, prices=rule_prices)
     train_x, val_x = net.inputs(train.question, train.global_view), net.inputs(val.question, val.global_view)
     net.fit_scalers(train_x)
     net.to(device)
