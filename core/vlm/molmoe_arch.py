@@ -31,7 +31,7 @@ import math
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +126,16 @@ def image_crops(image: Image.Image, rows: int, cols: int, crop_size: int) -> tor
 def prompt_token_ids(question: str, text_vocab: int) -> list[int]:
     """One token per whitespace-separated word, by a stable hash (no tokenizer needed for latency)."""
     return [zlib.crc32(w.encode("utf-8")) % text_vocab for w in question.split()]
+
+
+class PromptTokenizer(Protocol):
+    """A real checkpoint's tokenizer (`core.vlm.molmoe_checkpoint.MolmoeTokenizer`): question -> prompt ids, ids -> text."""
+
+    eos_token_id: int
+
+    def prompt_ids(self, question: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 # --- vision modules ------------------------------------------------------------------------
@@ -252,6 +262,8 @@ class MolmoeArchBackend:
         self.experts_implementation = str(getattr(self.lm.config, "_experts_implementation", "eager"))
         self.engine = engine
         self._generator: GraphedGenerator | None = None
+        # None: hash tokenisation (random weights); a loaded checkpoint sets its own tokenizer here.
+        self.tokenizer: PromptTokenizer | None = None
 
     # --- knobs -------------------------------------------------------------------------------
     @property
@@ -311,7 +323,8 @@ class MolmoeArchBackend:
         if n_new < 1:
             raise ValueError(f"need at least one output token, got {n_new}")
         rows, cols = self.crops_for(sample.image, config.tier)
-        ids = prompt_token_ids(sample.question, self.dims.text_vocab)
+        ids = (self.tokenizer.prompt_ids(sample.question) if self.tokenizer is not None
+               else prompt_token_ids(sample.question, self.dims.text_vocab))
         clock = StageClock(self.device)
         if self.engine == "graph":
             token_ids, vision_tokens = self._generate_graphed(sample, config.top_k, blocks, rows, cols, ids, n_new,
@@ -323,7 +336,7 @@ class MolmoeArchBackend:
         text_ids = [t for t in token_ids if t != self.eos_token_id]
         crops = rows * cols
         return GenerationResult(
-            text=" ".join(f"t{t}" for t in text_ids),
+            text=self.tokenizer.decode(text_ids) if self.tokenizer is not None else " ".join(f"t{t}" for t in text_ids),
             output_tokens=len(token_ids),
             crops=crops,
             vision_tokens=vision_tokens,
