@@ -12,6 +12,7 @@ import mlflow
 import torch
 
 from core.knobs import KnobConfig
+from core.profiling import planning
 from core.vlm import plots
 from core.vlm.backend import VLMBackend
 from core.vlm.importance import (
@@ -19,7 +20,8 @@ from core.vlm.importance import (
     importance_by_split, importance_metrics, score_measure,
 )
 from core.vlm.registry import load_backend
-from core.vqa.suite import DATASETS, load_mixed_split
+from core.vqa import sources
+from core.vqa.suite import DATASETS
 from tracking.artifacts import log_csv, log_figure, log_json
 from tracking.cli import ParameterError, comma_list
 from tracking.entry_point import EntryPoint
@@ -31,8 +33,8 @@ from tracking.store import ADAPTIVE_VLM_STUDY
 class Params:
     """Measure block importance of the base VLM and check its consistency across splits."""
 
-    base_model: str = "models:/base-vlm@champion"  # registry URI or checkpoint directory
-    dataset_names: str = ",".join(DATASETS)  # comma-separated data sets of the suite
+    base_model: str = "models:/base-vlm@champion"  # base_vlm: registry URI or checkpoint directory
+    dataset_names: str = ",".join(DATASETS)  # comma-separated data sets: the suite's, or with data_root text_vqa,coco_2014_vqa,okvqa
     train_samples: int = 60  # per data set, from the train split
     val_samples: int = 60  # per data set, from the val split
     tier: str = ALL_TIERS  # tier held fixed while blocks are removed; 'all' = the drop averaged over every tier
@@ -43,6 +45,11 @@ class Params:
     min_spearman: float = -1.0  # data sets whose train/val Spearman falls below are left out of the merge
     seed: int = 0  # which samples of each split
     num_threads: int = 2  # torch intra-op threads
+    backend: str = "base_vlm"  # base_vlm | molmoe_arch (needs model_path and score=vqa_score)
+    model_path: str = ""  # molmoe_arch: a local MolmoE-1B release directory (config.json, *.safetensors, tokenizer.json)
+    data_root: str = ""  # a directory holding the real benchmarks in their published layouts; '' = the synthetic suite
+    device: str = "cpu"  # cpu | cuda[:N]
+    engine: str = "eager"  # molmoe_arch: eager | graph
 
 
 @dataclass
@@ -54,18 +61,33 @@ class Prepared:
 
 
 def prepare(params: Params) -> Prepared:
-    datasets = comma_list(params.dataset_names, "dataset_names", DATASETS, allow_empty=False)
+    if params.model_path and params.backend != "molmoe_arch":
+        raise ParameterError(f"model_path applies to backend=molmoe_arch (a MolmoE-1B release directory), "
+                             f"not backend={params.backend}")
+    sources.check_data_root(params.data_root)
+    datasets = comma_list(params.dataset_names, "dataset_names", sources.dataset_choices(params.data_root), allow_empty=False)
     if params.train_samples < 1 or params.val_samples < 1:
         raise ParameterError("train_samples and val_samples must be >= 1")
-    backend = load_backend("base_vlm", "cpu", checkpoint_dir=str(resolve_base_model_dir(params.base_model)))
-    return Prepared(backend, datasets, base_configs(backend.space, params.tier, params.top_k), score_measure(params.score))
+    if params.backend == "molmoe_arch" and not params.model_path:
+        raise ParameterError("backend=molmoe_arch needs model_path (a MolmoE-1B release directory): random weights answer nothing")
+    planning.check_engine_and_device(params.backend, params.engine, params.device)
+    measure = score_measure(params.score)
+    if measure == ANSWER_LOG_LIKELIHOOD and params.backend != "base_vlm":
+        raise ParameterError(f"score={ANSWER_LOG_LIKELIHOOD} needs backend=base_vlm (teacher forcing); use score=vqa_score")
+    if measure != ANSWER_LOG_LIKELIHOOD:
+        measure = sources.answer_score(params.data_root)  # the official VQA accuracy on the real benchmarks
+    checkpoint = str(resolve_base_model_dir(params.base_model)) if params.backend == "base_vlm" else None
+    backend = load_backend(params.backend, params.device, checkpoint_dir=checkpoint, engine=params.engine,
+                           model_path=params.model_path)
+    return Prepared(backend, datasets, base_configs(backend.space, params.tier, params.top_k), measure)
 
 
 def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict[str, Any]:
     torch.set_num_threads(params.num_threads)
     backend, num_blocks = prepared.backend, prepared.backend.space.num_blocks
     scores = importance_by_split(backend, prepared.datasets, {"train": params.train_samples, "val": params.val_samples},
-                                 prepared.measure, prepared.configs, params.seed)
+                                 prepared.measure, prepared.configs, params.seed,
+                                 load_samples=lambda ds, split, n, seed: sources.load_samples(ds, split, n, seed, params.data_root))
     for split, by_dataset in scores.items():
         for ds, drops in by_dataset.items():
             log_json({str(b): s for b, s in drops.items()}, f"importance/{ds}_{split}.json")
@@ -83,7 +105,7 @@ def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict
     mlflow.log_metrics(importance_metrics(report))
     mlflow.set_tag("drop_order", ",".join(map(str, drop_order)))
     if params.beam_width > 0:
-        val = load_mixed_split(prepared.datasets, "val", params.val_samples, params.seed)
+        val = sources.load_mixed(prepared.datasets, "val", params.val_samples, params.seed, params.data_root)
         beam = beam_search_removal(backend, val, prepared.measure, prepared.configs[-1], max_removed=params.max_removed,
                                    beam_width=params.beam_width)
         log_json(asdict(beam), "importance/beam_search.json")

@@ -11,13 +11,13 @@ import mlflow
 import torch
 
 from core.profiling import planning, plots, summaries
-from core.profiling.profiler import ProfileSweepConfig, load_protocol, run_sweep
-from core.profiling.schema import LATENCY_ONLY_BACKENDS, ROW_KEY_FIELDS
+from core.profiling.profiler import ProfileSweepConfig, ScoreFn, load_protocol, run_sweep
+from core.profiling.schema import ROW_KEY_FIELDS
 from core.profiling.store import ProfileStore
 from core.vlm.backend import VLMBackend
 from core.vlm.registry import load_backend
+from core.vqa import sources
 from core.vqa.sample import VQASample
-from core.vqa.suite import DATASETS
 from tracking.artifacts import frame_digest, log_csv, log_dataset_input, log_figures, log_json
 from tracking.cli import comma_list, config_from_params, params_as_dict
 from tracking.entry_point import EntryPoint, EpochHook
@@ -32,8 +32,8 @@ _D = ProfileSweepConfig()  # the sweep defaults live in core
 class Params:
     """Profile a backend over the whole knob grid."""
 
-    backend: str = _D.backend  # base_vlm | molmoe_arch (random weights: latency only)
-    dataset_names: str = ",".join(_D.dataset_names)  # base_vlm: comma-separated VQA suite data sets
+    backend: str = _D.backend  # base_vlm | molmoe_arch (random weights: latency only, unless model_path)
+    dataset_names: str = ",".join(_D.dataset_names)  # comma-separated data sets: the suite's, or with data_root text_vqa,coco_2014_vqa,okvqa
     split: str = "test"  # base_vlm: the split the samples come from
     num_samples: int = _D.num_samples  # per data set
     num_runs: int = _D.num_runs  # timed rows per (sample, config)
@@ -54,6 +54,8 @@ class Params:
     timing_repeats: int = _D.timing_repeats  # answers per row; the row holds their per-component medians
     drift_reference: bool = _D.drift_reference  # rescale each repeat by a reference request timed just before it (noisy CPUs)
     engine: str = "eager"  # molmoe_arch: eager | graph (StaticCache + CUDA-graph replay)
+    model_path: str = ""  # molmoe_arch: a local MolmoE-1B release directory (config.json, *.safetensors, tokenizer.json): real weights, scored answers
+    data_root: str = ""  # a directory holding the real benchmarks in their published layouts; '' = the synthetic suite
 
 
 @dataclass
@@ -61,24 +63,28 @@ class Prepared:
     config: ProfileSweepConfig
     backend: VLMBackend
     samples: dict[str, list[VQASample]]
+    score_fn: ScoreFn | None  # None: a latency-only backend (accuracy NaN)
 
 
 def prepare(params: Params) -> Prepared:
     """Check every parameter, build the backend (with its drop order) and the samples, check the results_dir."""
     planning.check_engine_and_device(params.backend, params.engine, params.device)
     ProfileStore(params.results_dir).check_writable()  # before any sweep: a file there loses the first flush
-    latency_only = params.backend in LATENCY_ONLY_BACKENDS  # answers its own probe data set, not dataset_names
-    names = [] if latency_only else comma_list(params.dataset_names, "dataset_names", DATASETS, allow_empty=False)
+    choices = sources.dataset_choices(params.data_root)  # checks data_root
+    names = [] if planning.is_latency_only(params.backend, params.model_path) else comma_list(
+        params.dataset_names, "dataset_names", choices, allow_empty=False)
     prompt_lengths = planning.parse_prompt_lengths(comma_list(params.prompt_lengths, "prompt_lengths"))
-    dataset_names, forced = planning.sweep_datasets(params.backend, names, params.force_output_tokens)
+    dataset_names, forced = planning.sweep_datasets(params.backend, names, params.force_output_tokens, params.model_path)
     config = config_from_params(ProfileSweepConfig, params, dataset_names=dataset_names, force_output_tokens=forced)
     torch.set_num_threads(params.num_threads)
-    checkpoint = str(resolve_base_model_dir(params.base_model)) if params.backend == "base_vlm" else None
-    backend = load_backend(params.backend, params.device, checkpoint_dir=checkpoint, size=params.size, engine=params.engine)
+    checkpoint = str(resolve_base_model_dir(params.base_model)) if params.backend == "base_vlm" and not params.model_path else None
+    backend = load_backend(params.backend, params.device, checkpoint_dir=checkpoint, size=params.size, engine=params.engine,
+                           model_path=params.model_path)
     if (order := resolve_drop_order(params.importance, backend.space.num_blocks)) is not None:
         backend.set_drop_order(order)
     planning.check_block_order(ProfileStore(params.results_dir), dataset_names, backend.space.num_blocks, backend.drop_order)
-    return Prepared(config, backend, planning.sweep_samples(config, params.split, prompt_lengths))
+    samples = planning.sweep_samples(config, params.split, prompt_lengths, params.model_path, params.data_root)
+    return Prepared(config, backend, samples, planning.score_function(params.backend, params.model_path, params.data_root))
 
 
 def execute(params: Params, prepared: Prepared, epoch_hook: EpochHook | None = None) -> dict[str, Any]:
@@ -86,7 +92,7 @@ def execute(params: Params, prepared: Prepared, epoch_hook: EpochHook | None = N
     config, store, names = prepared.config, ProfileStore(params.results_dir), list(prepared.config.dataset_names)
     drop_order = list(prepared.backend.drop_order)
     mlflow.set_tags({"drop_order": ",".join(map(str, drop_order)), "drop_order_source": params.importance or "default"})
-    sweep = run_sweep(prepared.backend, prepared.samples, config, store, planning.score_function(params.backend))
+    sweep = run_sweep(prepared.backend, prepared.samples, config, store, prepared.score_fn)
     if params.merge:
         store.merge()
     table = store.load(names)

@@ -139,13 +139,6 @@ def test_bad_input_is_one_line(tracking_store, capsys, module, argv, expected):
     assert code == 2 and len(err) == 1 and expected in err[0], err
 
 
-def test_profile_has_no_model_path_parameter(capsys, tmp_path):
-    # Loading a user's checkpoint ran its own Python (trust_remote_code) only to stop at "not implemented".
-    with pytest.raises(SystemExit) as exited:
-        profile.main(["--backend", "molmoe_arch", "--model_path", str(tmp_path)])
-    assert exited.value.code == 2 and "unrecognized arguments: --model_path" in capsys.readouterr().err
-
-
 def test_profile_runs_the_graph_engine_with_the_drift_reference(tracking_store, tmp_path):
     results = tmp_path / "graph"
     argv = ["--backend", "molmoe_arch", "--size", "tiny", "--engine", "graph", "--num_samples", "1", "--num_runs", "1",

@@ -2,10 +2,12 @@
 length, how answers are scored; and the checks that it can run at all (engine and device for the
 backend, an existing table whose rows ran the same blocks).
 
-A backend with real weights (base_vlm) answers the VQA suite's data sets and is scored against the
-reference answers. A latency-only backend (random weights: molmoe_arch) answers synthetic probe
-requests of known prompt lengths with a forced answer length, so decode is timed over a known number
-of forwards; its data set is named for that length (`latency_probe_out8`).
+A backend with real weights (base_vlm, or molmoe_arch loaded from a MolmoE release directory) answers
+VQA data sets, the synthetic suite's or, with a data root, the real benchmarks' (`core.vqa.sources`),
+and is scored against their reference answers. A latency-only backend (random weights: molmoe_arch
+without a checkpoint) answers synthetic probe requests of known prompt lengths with a forced answer
+length, so decode is timed over a known number of forwards; its data set is named for that length
+(`latency_probe_out8`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ from core.profiling.profiler import ProfileSweepConfig, ScoreFn
 from core.profiling.schema import LATENCY_ONLY_BACKENDS, decode_list
 from core.profiling.store import ProfileStore
 from core.vlm.molmoe_arch import synthetic_latency_samples
-from core.vqa.metrics import vqa_score
+from core.vqa import sources
 from core.vqa.sample import VQASample
-from core.vqa.suite import load_split
 
 PROBE_OUTPUT_TOKENS = 8  # a latency probe's answer length unless one is forced
 PROBE_IMAGE_SIZE: tuple[int, int] = (640, 480)  # (width, height): 4:3, 1 / 6 / 12 MolmoE crops by tier
@@ -55,8 +56,13 @@ def parse_prompt_lengths(items: Sequence[str]) -> tuple[int, ...]:
     return tuple(lengths)
 
 
+def is_latency_only(backend: str, model_path: str = "") -> bool:
+    """Random weights answer probe requests, not VQA: a latency-only backend without a checkpoint."""
+    return backend in LATENCY_ONLY_BACKENDS and not model_path
+
+
 def sweep_datasets(
-    backend: str, dataset_names: Sequence[str], force_output_tokens: int | None
+    backend: str, dataset_names: Sequence[str], force_output_tokens: int | None, model_path: str = ""
 ) -> tuple[tuple[str, ...], int | None]:
     """(data set names, forced answer length) of a sweep of `backend`.
 
@@ -64,7 +70,7 @@ def sweep_datasets(
     PROBE_OUTPUT_TOKENS) tokens and ignores `dataset_names`; any other backend answers `dataset_names`,
     each sample up to its own max_new_tokens unless `force_output_tokens` is given.
     """
-    if backend in LATENCY_ONLY_BACKENDS:
+    if is_latency_only(backend, model_path):
         forced = force_output_tokens or PROBE_OUTPUT_TOKENS
         return (latency_probe_name(forced),), forced
     return tuple(dataset_names), force_output_tokens or None
@@ -83,19 +89,22 @@ def latency_probe_samples(
                                             seed=seed, dataset=name)}
 
 
-def sweep_samples(config: ProfileSweepConfig, split: str, prompt_lengths: Sequence[int]) -> dict[str, list[VQASample]]:
+def sweep_samples(config: ProfileSweepConfig, split: str, prompt_lengths: Sequence[int], model_path: str = "",
+                  data_root: str = "") -> dict[str, list[VQASample]]:
     """The samples of `config`'s data sets (see `sweep_datasets`): latency probes of `prompt_lengths` for a
-    latency-only backend, else the first `num_samples` of `split` of each suite data set."""
-    if config.backend in LATENCY_ONLY_BACKENDS:
+    latency-only backend, else the first `num_samples` of `split` of each data set (the suite's, or the
+    real files under `data_root`)."""
+    if is_latency_only(config.backend, model_path):
         output_tokens = config.force_output_tokens or PROBE_OUTPUT_TOKENS
         return latency_probe_samples(prompt_lengths, output_tokens, config.num_samples, config.seed)
-    return {name: load_split(name, split, config.num_samples, seed=config.seed) for name in config.dataset_names}
+    return {name: sources.load_samples(name, split, config.num_samples, config.seed, data_root)
+            for name in config.dataset_names}
 
 
-def score_function(backend: str) -> ScoreFn | None:
-    """How a row's answer is scored: VQA score against the references; None (accuracy NaN) for a
-    latency-only backend, whose random weights answer nothing meaningful."""
-    return None if backend in LATENCY_ONLY_BACKENDS else vqa_score
+def score_function(backend: str, model_path: str = "", data_root: str = "") -> ScoreFn | None:
+    """How a row's answer is scored: VQA score against the references (the official VQA accuracy on the
+    real benchmarks); None (accuracy NaN) for a latency-only backend, whose random weights answer nothing."""
+    return None if is_latency_only(backend, model_path) else sources.answer_score(data_root)
 
 
 def check_block_order(store: ProfileStore, dataset_names: Sequence[str], num_blocks: int,

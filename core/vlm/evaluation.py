@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 from tqdm import tqdm
@@ -19,8 +19,11 @@ from core.vlm.backend import VLMBackend
 from core.vqa.sample import VQASample
 from core.vqa.metrics import exact_match, vqa_score
 
+ScoreFn = Callable[[str, Sequence[str]], float]  # (prediction, answers) -> score; vqa_score unless told
 
-def score_split(backend: VLMBackend, samples: Sequence[VQASample], config: KnobConfig, progress: bool = True) -> dict:
+
+def score_split(backend: VLMBackend, samples: Sequence[VQASample], config: KnobConfig, progress: bool = True,
+                score_fn: ScoreFn = vqa_score) -> dict:
     """Greedy answers under `config` and their scores.
 
     Returns {"vqa_score": mean over samples, "exact_match": ..., "vqa_score_mean_over_datasets": mean of
@@ -39,7 +42,7 @@ def score_split(backend: VLMBackend, samples: Sequence[VQASample], config: KnobC
                 "dataset": s.dataset,
                 "prediction": r.text,
                 "answer": s.answers[0],
-                "vqa_score": vqa_score(r.text, s.answers),
+                "vqa_score": score_fn(r.text, s.answers),
                 "exact_match": exact_match(r.text, s.answers),
                 "output_tokens": r.output_tokens,
                 "T_total_ms": r.T_total_ms,
@@ -86,7 +89,8 @@ def knob_curve_configs(space: KnobSpace) -> dict[str, KnobConfig]:
     return configs
 
 
-def knob_accuracy_curves(backend: VLMBackend, samples: Sequence[VQASample], progress: bool = True) -> pd.DataFrame:
+def knob_accuracy_curves(backend: VLMBackend, samples: Sequence[VQASample], progress: bool = True,
+                         score_fn: ScoreFn = vqa_score) -> pd.DataFrame:
     """Accuracy of every `knob_curve_configs` config on `samples`: one row per config with name, knob
     ("top_k" or "blocks"), the three knob values, vqa_score (mean over data sets, as reported) and
     vqa_score_<dataset>. Configs shared by both curves are answered once."""
@@ -96,7 +100,7 @@ def knob_accuracy_curves(backend: VLMBackend, samples: Sequence[VQASample], prog
         if config not in answered:
             by_ds: dict[str, list[float]] = {}
             for s, text in zip(samples, answers_under(backend, samples, config)):
-                by_ds.setdefault(s.dataset, []).append(vqa_score(text, s.answers))
+                by_ds.setdefault(s.dataset, []).append(score_fn(text, s.answers))
             scores = {f"vqa_score_{ds}": statistics.fmean(v) for ds, v in by_ds.items()}
             answered[config] = {"vqa_score": statistics.fmean(scores.values()), **scores}
         knob = "top_k" if "top_k_" in name else "blocks"
@@ -140,21 +144,24 @@ def latency_medians(
     return summarize_ms(per_sample)
 
 
-def accuracy_by_config(backend: VLMBackend, samples: Sequence[VQASample]) -> tuple[dict[str, float], pd.DataFrame]:
+def accuracy_by_config(backend: VLMBackend, samples: Sequence[VQASample],
+                       score_fn: ScoreFn = vqa_score) -> tuple[dict[str, float], pd.DataFrame]:
     """Test-split accuracy at the full and the minimal config and at the full config with each tier.
 
     Metrics: test_vqa_score_full / _min (means over data sets), test_exact_match_full / _min,
     test_vqa_score_<dataset>_<full|min|tier>; and the full config's predictions as a table.
     """
     full, minimal = backend.space.full(), backend.space.minimal()
-    scored = {"full": score_split(backend, samples, full), "min": score_split(backend, samples, minimal)}
+    scored = {"full": score_split(backend, samples, full, score_fn=score_fn),
+              "min": score_split(backend, samples, minimal, score_fn=score_fn)}
     metrics: dict[str, float] = {}
     for name, result in scored.items():
         metrics[f"test_vqa_score_{name}"] = result["vqa_score_mean_over_datasets"]
         metrics[f"test_exact_match_{name}"] = result["exact_match"]
         metrics.update({f"test_vqa_score_{ds}_{name}": r["vqa_score"] for ds, r in result["per_dataset"].items()})
     for tier in TIERS:
-        result = scored["full"] if tier == full.tier else score_split(backend, samples, replace(full, tier=tier))
+        result = (scored["full"] if tier == full.tier
+                  else score_split(backend, samples, replace(full, tier=tier), score_fn=score_fn))
         metrics.update({f"test_vqa_score_{ds}_{tier}": r["vqa_score"] for ds, r in result["per_dataset"].items()})
     return metrics, pd.DataFrame(scored["full"]["predictions"])
 
@@ -199,6 +206,7 @@ def grid_table(
     space: KnobSpace | None = None,
     repeats: int = 3,
     warmup: int = 1,
+    score_fn: ScoreFn = vqa_score,
 ) -> pd.DataFrame:
     """Accuracy and median latency of every config of the grid on `samples` (keep it a small subset).
 
@@ -217,7 +225,7 @@ def grid_table(
             for _ in range(warmup):
                 backend.answer(s, config)
             results = [backend.answer(s, config) for _ in range(repeats)]
-            score = vqa_score(results[0].text, s.answers)
+            score = score_fn(results[0].text, s.answers)
             scores.append(score)
             exact.append(exact_match(results[0].text, s.answers))
             by_ds.setdefault(s.dataset, []).append(score)

@@ -188,10 +188,12 @@ def importance_by_split(
     score_fn: ScoreFn | str,
     configs: Sequence[KnobConfig],
     seed: int = 0,
+    load_samples: Callable[[str, str, int, int], Sequence[VQASample]] = load_split,
 ) -> dict[str, dict[str, dict[int, float]]]:
     """{split: {dataset: leave-one-block-out drops}} on the first `samples_per_split[split]` samples of
-    each data set's split, averaged over `configs` (`leave_one_block_out_across`)."""
-    return {split: {ds: leave_one_block_out_across(backend, load_split(ds, split, n, seed), score_fn, configs)
+    each data set's split, averaged over `configs` (`leave_one_block_out_across`). `load_samples(dataset,
+    split, n, seed)` reads them (the synthetic suite unless told)."""
+    return {split: {ds: leave_one_block_out_across(backend, load_samples(ds, split, n, seed), score_fn, configs)
                     for ds in datasets}
             for split, n in samples_per_split.items()}
 
