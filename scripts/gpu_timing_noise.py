@@ -10,8 +10,11 @@ configs (allocator, caches, clocks), not from the kernels; high CV in both means
   python scripts/gpu_timing_noise.py --engine graph --compare-eager --out $OUT   # CUDA-graph engine
   python scripts/gpu_timing_noise.py --size tiny --repeats 3  # CPU smoke test
 
-With `--compare-eager` it also reports whether the graph engine's greedy tokens equal the eager
-engine's for each config (same weights, same request).
+With `--compare-eager` it also reports whether the graph (or fused) engine's greedy tokens equal the
+eager engine's for each config (same weights, same request); `--compare-samples N` checks N probe
+samples (prompt lengths 16 / 64 x three image sizes) x five configs instead of one sample x the three
+timed configs, and for every mismatch the eager logits' gap between the two engines' tokens at the
+first differing position, in bf16 steps (a gap of a step or two is a near-tie that rounding decides).
 
 No MLflow: core only.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -34,7 +38,7 @@ from core.knobs import KnobConfig  # noqa: E402
 from core.profiling.planning import PROBE_IMAGE_SIZE  # noqa: E402
 from core.timing import PREDICTED_COMPONENTS, coefficient_of_variation  # noqa: E402
 from core.vlm.backend import ENGINES  # noqa: E402
-from core.vlm.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
+from core.vlm.molmoe_arch import MolmoeArchBackend, image_crops, prompt_token_ids, synthetic_latency_samples  # noqa: E402
 
 # What the latency estimator predicts (decode per decode forward) and the end-to-end sum.
 STAGES = (*PREDICTED_COMPONENTS.values(), "T_total_ms")
@@ -47,6 +51,30 @@ def summarise(values: list[float]) -> dict[str, float]:
     return {"median": round(median, 3), "cv": round(cv, 4), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
+def token_id(word: str) -> int:
+    return int(word[1:])  # molmoe_arch answers are "t<id>" words
+
+
+@torch.inference_mode()
+def eager_gap(eager: MolmoeArchBackend, sample, config: KnobConfig, eager_text: str, other_text: str) -> dict[str, float]:  # noqa: ANN001
+    """Teacher-forced eager logits at the first position where the two answers differ: the gap between
+    eager's token and the other engine's there, absolute and in bf16 steps at that logit's magnitude."""
+    a, b = [token_id(w) for w in eager_text.split()], [token_id(w) for w in other_text.split()]
+    t = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+    rows, cols = eager.crops_for(sample.image, config.tier)
+    with eager.knobs_applied(config.top_k, eager.blocks_for(config)):
+        pixels = image_crops(sample.image, rows, cols, eager.dims.image_size).to(eager.device, eager.dtype)
+        vision = eager.vision(pixels).reshape(1, -1, eager.dims.d_model)
+        ids = prompt_token_ids(sample.question, eager.dims.text_vocab) + a[:t]
+        text = eager.lm.get_input_embeddings()(torch.tensor([ids], device=eager.device))
+        logits = eager.lm(inputs_embeds=torch.cat([vision, text], dim=1), logits_to_keep=1).logits[0, -1].float()
+    gap = float(logits[a[t]] - logits[b[t]])
+    step = 2.0 ** (math.floor(math.log2(abs(float(logits[a[t]])) + 1e-30)) - 7)  # bf16: 8 significant bits
+    top2 = torch.topk(logits, 2).values
+    return {"position": t, "gap": round(gap, 5), "gap_bf16_steps": round(gap / step, 2),
+            "top1_minus_top2": round(float(top2[0] - top2[1]), 5), "logit": round(float(logits[a[t]]), 4)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="reference", choices=["reference", "tiny"])
@@ -54,7 +82,8 @@ def main() -> None:
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--pin-cpu", type=int, default=None, help="pin to this core with one torch thread")
     p.add_argument("--engine", default="eager", choices=list(ENGINES))
-    p.add_argument("--compare-eager", action="store_true", help="graph engine: check its tokens against eager's")
+    p.add_argument("--compare-eager", action="store_true", help="graph/fused engine: check its tokens against eager's")
+    p.add_argument("--compare-samples", type=int, default=0, help="token check over this many probe samples x 5 configs")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.pin_cpu is not None:
@@ -95,12 +124,26 @@ def main() -> None:
             print(f"{schedule:13s} {key:14s} {line}", flush=True)
     if args.compare_eager and args.engine != "eager":
         eager = MolmoeArchBackend(args.size, seed=0, engine="eager")
-        report["tokens_match_eager"] = {
-            c.key: backend.answer(sample, c, force_output_tokens=args.output_tokens).text
-            == eager.answer(sample, c, force_output_tokens=args.output_tokens).text
-            for c in configs
-        }
-        print(f"graph tokens equal eager tokens: {report['tokens_match_eager']}", flush=True)
+        if args.compare_samples:
+            probes = synthetic_latency_samples([16, 64], [(640, 480), (800, 450), (500, 500)], n=args.compare_samples,
+                                               max_new_tokens=args.output_tokens, seed=0)
+            check = [space.full(), space.minimal(), KnobConfig("medium", 6, 12), KnobConfig("high", 12, 16),
+                     KnobConfig("low", 10, 10)]
+        else:
+            probes, check = [sample], configs
+        cases = []
+        for c in check:
+            for probe in probes:
+                ours = backend.answer(probe, c, force_output_tokens=args.output_tokens).text
+                ref = eager.answer(probe, c, force_output_tokens=args.output_tokens).text
+                case = {"config": c.key, "sample": probe.sample_id, "equal": ours == ref}
+                if ours != ref:
+                    case.update({"engine": ours, "eager": ref, **eager_gap(eager, probe, c, ref, ours)})
+                cases.append(case)
+        report["tokens_match_eager"] = {f"{c['config']}/{c['sample']}": c["equal"] for c in cases}
+        report["token_mismatches"] = [c for c in cases if not c["equal"]]
+        print(f"{args.engine} tokens equal eager tokens: {sum(c['equal'] for c in cases)}/{len(cases)}; "
+              f"mismatches: {report['token_mismatches']}", flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "timing_noise.json" if args.engine == "eager" else f"timing_noise_{args.engine}.json").write_text(json.dumps(report, indent=1))

@@ -25,9 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from core.knobs import TIERS, KnobConfig  # noqa: E402
+from core.profiling.floors import copy_bandwidth_gbs  # noqa: E402
 from core.profiling.planning import PROBE_IMAGE_SIZE, latency_probe_name, latency_probe_samples  # noqa: E402
 from core.profiling.profiler import ProfileSweepConfig, run_sweep  # noqa: E402
 from core.profiling.store import ProfileStore  # noqa: E402
@@ -41,11 +43,13 @@ class DeadlineReached(Exception):
 
 
 class DeadlineBackend:
-    """Delegates to a backend; refuses new answers after `deadline` (perf_counter seconds)."""
+    """Delegates to a backend; refuses new answers after `deadline` (perf_counter seconds). Keeps the
+    fused engine's host share of vision (image conversion + upload, outside T_vision) per answer."""
 
     def __init__(self, inner: MolmoeArchBackend, deadline: float) -> None:
         self.inner, self.deadline = inner, deadline
         self.name, self.space, self.device = inner.name, inner.space, inner.device
+        self.host_ms: list[dict[str, object]] = []
 
     def set_drop_order(self, order):  # noqa: ANN001, ANN201
         self.inner.set_drop_order(order)
@@ -53,7 +57,23 @@ class DeadlineBackend:
     def answer(self, sample, config, max_new_tokens=None, force_output_tokens=None):  # noqa: ANN001, ANN201
         if time.perf_counter() > self.deadline:
             raise DeadlineReached
-        return self.inner.answer(sample, config, max_new_tokens=max_new_tokens, force_output_tokens=force_output_tokens)
+        result = self.inner.answer(sample, config, max_new_tokens=max_new_tokens, force_output_tokens=force_output_tokens)
+        if self.inner.engine == "fused":
+            self.host_ms.append({"image": f"{sample.image.width}x{sample.image.height}", "tier": config.tier,
+                                 "crops": result.crops, "host_ms": float(self.inner.last_vision_host_ms),
+                                 "T_vision_ms": result.T_vision_ms})
+        return result
+
+
+def host_share_summary(rows: list[dict[str, object]]) -> dict[str, object]:
+    """Median host share of vision (ms) per image size and tier, and over all answers (fused engine)."""
+    if not rows:
+        return {}
+    frame = pd.DataFrame(rows)
+    per = frame.groupby(["image", "tier"]).agg(host_ms=("host_ms", "median"), T_vision_ms=("T_vision_ms", "median"),
+                                                crops=("crops", "first"), n=("host_ms", "size"))
+    return {"median_ms": round(float(frame["host_ms"].median()), 3), "p95_ms": round(float(frame["host_ms"].quantile(0.95)), 3),
+            "by_image_tier": {f"{i}/{t}": {k: round(float(v), 3) for k, v in r.items()} for (i, t), r in per.iterrows()}}
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,7 +81,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", default="reference", choices=["reference", "tiny"])
     p.add_argument("--device", default=None)
     p.add_argument("--engine", default="eager", choices=list(ENGINES),
-                   help="graph: StaticCache + CUDA-graph replay of vision, prefill and decode (core/vlm/graph_engine.py)")
+                   help="graph: StaticCache + CUDA-graph replay of vision, prefill and decode (core/vlm/graph_engine.py); "
+                        "fused: the same with tiling on the device and Triton decode kernels (core/vlm/fused_decode.py)")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 64])
     p.add_argument("--output-tokens", type=int, nargs="+", default=[8, 32])
     p.add_argument("--image-size", nargs="+", default=["{}x{}".format(*PROBE_IMAGE_SIZE)],
@@ -99,6 +120,8 @@ def main() -> None:
         flush=True,
     )
 
+    # The copy bandwidth of this device, in this run: the bandwidth floors of the table's README use it.
+    copy_gbs = [copy_bandwidth_gbs(backend.device)] if backend.device.type == "cuda" else []
     store = ProfileStore(args.store)
     samples_by_ds: dict[str, list] = {}
     for n in args.output_tokens:  # one probe data set per output length, a sample per (prompt length, image size)
@@ -134,6 +157,8 @@ def main() -> None:
             print(f"{ds}: deadline reached; rerun the same command to resume", flush=True)
             break
 
+    if copy_gbs:
+        copy_gbs.append(copy_bandwidth_gbs(backend.device))
     df = store.load()
     wall_s = time.perf_counter() - t0
     median_cv = float(median_run_to_run_cv(df, ("T_total_ms",))["T_total_ms"])  # sample CV (ddof 1), NaN with one run
@@ -148,6 +173,8 @@ def main() -> None:
         "rows": int(len(df)),
         "rows_per_dataset": {k: int(v) for k, v in df["dataset"].value_counts().sort_index().items()},
         "complete": not stopped,
+        "copy_bandwidth_gbs": [round(x, 1) for x in copy_gbs],  # before and after the sweep
+        "vision_host_ms": host_share_summary(guarded.host_ms),
         "wall_s": round(wall_s, 1),
         "median_cv_T_total": None if math.isnan(median_cv) else round(median_cv, 5),
         "medians_by_knob": {ds: medians_by_knob_option(part) for ds, part in df.groupby("dataset")},

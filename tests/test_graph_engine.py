@@ -132,5 +132,5 @@ def test_molmoe_arch_graph_engine_answers_like_the_eager_engine():
 
 
 def test_unknown_engine_is_one_clear_error():
-    with pytest.raises(ValueError, match=r"engine='compiled' is unknown \(choose from: eager, graph\)"):
+    with pytest.raises(ValueError, match=r"engine='compiled' is unknown \(choose from: eager, graph, fused\)"):
         MolmoeArchBackend("tiny", device="cpu", engine="compiled")

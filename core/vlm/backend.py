@@ -74,4 +74,5 @@ class VLMBackend(Protocol):
 
 
 BACKENDS = ("base_vlm", "molmoe_arch")
-ENGINES = ("eager", "graph")  # molmoe_arch generation: Python-dispatched forwards, or CUDA-graph replay
+ENGINES = ("eager", "graph", "fused")  # molmoe_arch generation: Python-dispatched forwards, CUDA-graph replay,
+# or CUDA-graph replay with on-device tiling and Triton decode kernels (core/vlm/fused_decode.py)

@@ -16,6 +16,9 @@ Layout:
 - prefill: the shapes change with every prompt, so each request captures its own graph (text
   embedding, concatenation with the vision tokens, decoder, argmax), replays it once and drops it.
 - vision: one graph per crop count, fed through a static pixel buffer.
+- a `decoder` (optional; `core.vlm.fused_decode.FusedDecoder` for the fused engine) replaces
+  transformers' decode step inside the same graphs: `start(length)` after prefill, `step(knob_key)`
+  per token, with its own device-side position, so its attention spans only the filled slots.
 With `use_graphs=False` (always on a CPU) every "replay" runs the function eagerly, so the
 static-cache code path is the same one the CPU tests check against the eager DynamicCache path.
 Static-cache attention spans all `max_cache_len` slots (masked), so decode cost does not grow with
@@ -24,7 +27,7 @@ the prompt here: the table this engine writes measures that engine, and says so 
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Protocol
 
 import torch
 from torch import nn
@@ -60,6 +63,18 @@ class CapturedCall:
         return self.output
 
 
+class DecodeStep(Protocol):
+    """A decode step over the generator's cache that reads and writes its `step_ids`."""
+
+    def start(self, length: int) -> None:
+        """The next step writes cache slot `length` (the prompt has filled the slots before it)."""
+        ...
+
+    def step(self, knob_key: Hashable) -> None:
+        """Token in step_ids -> greedy next token in step_ids; advances the decoder's own position."""
+        ...
+
+
 class GraphedGenerator:
     """Greedy decoding of `lm` (a transformers causal LM taking `inputs_embeds`) from replayed graphs."""
 
@@ -75,6 +90,7 @@ class GraphedGenerator:
         self._decode: dict[Hashable, CapturedCall] = {}
         self._vision: dict[Hashable, tuple[torch.Tensor, CapturedCall]] = {}
         self._initialised = False
+        self.decoder: DecodeStep | None = None  # None: transformers' forward decodes
 
     @property
     def decode_graphs(self) -> int:
@@ -139,7 +155,13 @@ class GraphedGenerator:
         # that starts this request.
         if knob_key not in self._decode:
             self.cache.reset()
-            self._decode[knob_key] = CapturedCall(self._decode_step, self.use_graphs)
+            if self.decoder is None:
+                step: Callable[[], None] = self._decode_step
+            else:
+                decoder = self.decoder
+                decoder.start(0)  # warm-up steps must write inside the cache
+                step = lambda: decoder.step(knob_key)  # noqa: E731
+            self._decode[knob_key] = CapturedCall(step, self.use_graphs)
         decode = self._decode[knob_key]
         self.cache.reset()
         prefill_call = CapturedCall(prefill, self.use_graphs, warmup=1)
@@ -147,6 +169,8 @@ class GraphedGenerator:
 
         with clock.stage("prefill"):
             prefill_call.replay()
+        if self.decoder is not None:
+            self.decoder.start(length)  # between the stages: in neither's time
         tokens = [self.step_ids.clone()]
         for _ in range(num_tokens - 1):
             if eos_token_id is not None and int(tokens[-1].item()) == eos_token_id:

@@ -17,7 +17,11 @@ restores the model exactly afterwards):
 
 Engines: "eager" runs transformers' forward per token (DynamicCache), which is launch-bound and
 host-jittery on a GPU; "graph" (`core.vlm.graph_engine`) replays vision, prefill and each decode step
-as captured CUDA graphs over a StaticCache, which times the kernels alone.
+as captured CUDA graphs over a StaticCache, which times the kernels alone; "fused" is the graph engine
+with the image tiled and normalised on the device inside the vision graph (`device_crops`; the host
+only uploads the image's bytes, timed apart in `last_vision_host_ms`) and each decode step run by
+Triton kernels (`core.vlm.fused_decode`: fused MoE, attention over the filled cache) on CUDA. On a
+CPU "fused" decodes with transformers (the reference), unless TRITON_INTERPRET=1 runs the kernels.
 
 Latency only: weights are random, so answers are meaningless (accuracy is NaN in profiles). Text is
 "tokenised" one token per whitespace-separated word (a stable hash into the vocabulary), so a
@@ -27,7 +31,9 @@ question of N words is N text tokens. Outputs are forced to a fixed length with
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +46,7 @@ from PIL import Image
 from torch import nn
 
 from core.knobs import MOLMOE_SPACE, TIERS, KnobConfig, KnobSpace, active_blocks, default_drop_order
+from core.vlm.fused_decode import FusedDecoder, fused_available
 from core.vlm.graph_engine import GraphedGenerator
 from core.timing import StageClock
 from core.vlm.backend import ENGINES, GenerationResult
@@ -117,6 +124,35 @@ def image_crops(image: Image.Image, rows: int, cols: int, crop_size: int) -> tor
     """(1 + rows*cols, 3, S, S): the global view (whole image resized) then the tiles, row-major."""
     whole = torch.from_numpy(_to_pixels(image, (crop_size, crop_size))).permute(2, 0, 1)
     grid = torch.from_numpy(_to_pixels(image, (cols * crop_size, rows * crop_size))).permute(2, 0, 1)
+    return torch.cat([whole[None], cut_tiles(grid, rows, cols, crop_size)])
+
+
+def image_uint8(image: Image.Image) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB: all the host does for the fused engine's vision stage."""
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+
+
+@functools.lru_cache(maxsize=4)
+def _clip_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP mean and std as (3, 1, 1) tensors on `device`, made once (a graph capture cannot copy them)."""
+    return (torch.tensor(_CLIP_MEAN, device=device).view(3, 1, 1), torch.tensor(_CLIP_STD, device=device).view(3, 1, 1))
+
+
+def device_crops(image_u8: torch.Tensor, rows: int, cols: int, crop_size: int) -> torch.Tensor:
+    """`image_crops` as tensor ops on `image_u8`'s device: (H, W, 3) uint8 -> (1 + rows*cols, 3, S, S) fp32.
+
+    Antialiased bicubic resampling is PIL's filter (a = -0.5); the result is rounded and clipped to
+    8 bits as PIL's is, then CLIP-normalised. Matches `image_crops` to within a grey level on average.
+    """
+    x = image_u8.permute(2, 0, 1)[None].float()
+    mean, std = _clip_stats(x.device)
+
+    def resized(height: int, width: int) -> torch.Tensor:
+        y = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)[0]
+        return (y.round().clamp(0, 255) / 255.0 - mean) / std
+
+    whole = resized(crop_size, crop_size)
+    grid = resized(rows * crop_size, cols * crop_size)
     return torch.cat([whole[None], cut_tiles(grid, rows, cols, crop_size)])
 
 
@@ -212,6 +248,7 @@ class MolmoeArchBackend:
 
     name: str = "molmoe_arch"
     space: KnobSpace = MOLMOE_SPACE
+    last_vision_host_ms: float = float("nan")  # fused engine: the last request's image conversion + upload
 
     def __init__(
         self,
@@ -326,7 +363,7 @@ class MolmoeArchBackend:
         ids = (self.tokenizer.prompt_ids(sample.question) if self.tokenizer is not None
                else prompt_token_ids(sample.question, self.dims.text_vocab))
         clock = StageClock(self.device)
-        if self.engine == "graph":
+        if self.engine in ("graph", "fused"):
             token_ids, vision_tokens = self._generate_graphed(sample, config.top_k, blocks, rows, cols, ids, n_new,
                                                                force_output_tokens is None, clock)
         else:
@@ -382,16 +419,38 @@ class MolmoeArchBackend:
         return self.dims.tokens_per_crop * (self.space.max_crops(TIERS[-1]) + 1) + 512
 
     def generator(self) -> GraphedGenerator:
-        """The graph engine's generator, built and initialised (every cache layer) on first use."""
+        """The graph engine's generator, built and initialised (every cache layer) on first use; for the
+        fused engine its decode steps are the Triton decoder's where the kernels can run."""
         if self._generator is None:
             generator = GraphedGenerator(self.lm, self.device, self.graph_cache_len)
             with torch.inference_mode():
                 generator.initialise(self.num_blocks)
+                if self.engine == "fused" and fused_available(self.device):
+                    generator.decoder = FusedDecoder(self.lm, generator.cache, generator.step_ids, self.graph_cache_len)
             self._generator = generator
         return self._generator
 
     def _encode_crops(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vision(pixels).reshape(1, -1, self.dims.d_model)
+
+    def _vision_on_device(
+        self, generator: GraphedGenerator, image: Image.Image, rows: int, cols: int, clock: StageClock
+    ) -> torch.Tensor:
+        """Fused engine: the host converts and uploads the image's bytes (timed on the host clock into
+        `last_vision_host_ms`, outside every stage); tiling, normalisation, ViT and projector run as one
+        graph per (image shape, grid), timed as the "vision" stage."""
+        start = time.perf_counter_ns()
+        image_u8 = image_uint8(image).to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_vision_host_ms = (time.perf_counter_ns() - start) / 1e6
+        size = self.dims.image_size
+
+        def encode(buffer: torch.Tensor) -> torch.Tensor:
+            return self._encode_crops(device_crops(buffer, rows, cols, size).to(self.dtype))
+
+        with clock.stage("vision"):
+            return generator.vision((tuple(image_u8.shape), rows, cols), encode, image_u8)
 
     def _generate_graphed(
         self, sample: VQASample, top_k: int, blocks: tuple[int, ...], rows: int, cols: int, ids: list[int],
@@ -399,9 +458,12 @@ class MolmoeArchBackend:
     ) -> tuple[list[int], int]:
         generator = self.generator()  # before the knobs: initialisation needs every block
         with self.knobs_applied(top_k, blocks):
-            with clock.stage("vision"):
-                pixels = image_crops(sample.image, rows, cols, self.dims.image_size).to(self.device, self.dtype)
-                vision = generator.vision(tuple(pixels.shape), self._encode_crops, pixels)
+            if self.engine == "fused":
+                vision = self._vision_on_device(generator, sample.image, rows, cols, clock)
+            else:
+                with clock.stage("vision"):
+                    pixels = image_crops(sample.image, rows, cols, self.dims.image_size).to(self.device, self.dtype)
+                    vision = generator.vision(tuple(pixels.shape), self._encode_crops, pixels)
             text_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
             token_ids = generator.generate(vision, text_ids, n_new, (top_k, blocks), clock,
                                            eos_token_id=self.eos_token_id if stop_at_eos else None)
@@ -445,4 +507,5 @@ def synthetic_latency_samples(
 
 __all__ = [
     "MolmoeArchBackend", "MolmoeArchDims", "SIZE_PRESETS", "synthetic_latency_samples", "image_crops", "prompt_token_ids",
+    "device_crops", "image_uint8",
 ]
