@@ -61,3 +61,13 @@ def test_gpu_profile_script_writes_a_resumable_store(tmp_path: Path):
     _run("profile_molmoe_arch_gpu.py", *args)  # a rerun finds every row stored and adds none
     again = pd.concat([pd.read_parquet(f) for f in (tmp_path / "out").rglob("*.parquet")])
     assert len(again) == len(first)
+
+
+def test_checkpoint_roundtrip_script_matches_tokens_under_both_engines(tmp_path: Path):
+    out = _run("gpu_checkpoint_roundtrip.py", "--size", "tiny", "--device", "cpu", "--requests", "2",
+               "--new-tokens", "3", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "checkpoint_roundtrip.json").read_text())
+    assert report["ok"] and report["prefill_logits_max_abs_diff"] == 0.0
+    assert {e: r["same_tokens"] for e, r in report["engines"].items()} == {"eager": 2, "graph": 2}
+    assert "config.json" in report["checkpoint_files"] and "tokenizer.json" in report["checkpoint_files"]
+    assert out.count("requests gave the same") == 2
