@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 from core.adaptive import plots, report
-from core.adaptive.experiment import CalibrationSettings, ExperimentSettings, lookup_configs, request_stream, run_experiment
+from core.adaptive.experiment import (REQUEST_SOURCES, CalibrationSettings, ExperimentSettings, HeldoutRequests,
+                                     heldout_requests, lookup_configs, replay_decisions, request_stream, run_experiment)
 from core.control.decision import describe_rule
 from core.profiling.store import ProfileStore
 from core.vqa.sample import VQASample, samples_frame
@@ -37,7 +38,8 @@ class Params:
     estimator: str = "models:/latency-estimator@champion"  # the guardrail's estimator; '' = the controller's own
     dataset: str = ""  # comma-separated data sets of the suite ('' = all)
     split: str = "test"
-    num_samples: int = 20  # requests per data set
+    request_source: str = "heldout"  # heldout: measured_table's held-out samples (evaluate_controller's) | split: the suite split's first samples
+    num_samples: int = 30  # requests per data set (heldout: at most the table's held-out samples of each)
     latency_budget: float = 0.0  # ms; > 0 replaces budget_fraction
     budget_fraction: str = "0.6,0.8,1.0"  # budgets as fractions of the full config's latency measured in this run
     device: str = "cpu"
@@ -47,7 +49,8 @@ class Params:
     calibration_method: str = "quantile"  # quantile | ewma
     warmup: int = 5  # unscored full-config requests that measure L_full
     compare: bool = True  # also answer with the static full config and the lookup table
-    measured_table: str = "data/profiles/cpu-base-vlm"  # the lookup table's measured runs (its calibration part)
+    measured_table: str = "data/profiles/cpu-base-vlm"  # the lookup table (its calibration part) and the held-out requests
+    calibration_seed: int = 0  # the measured table's calibration / held-out split, as evaluate_controller's
     contention: bool = False  # on: a background load mid-run, calibration on and off
     contention_fraction: float = 0.8
     contention_workers: int = 2  # background processes of the load
@@ -65,6 +68,7 @@ class Prepared:
     warmup: list[VQASample]
     settings: ExperimentSettings
     lookup: pd.DataFrame | None
+    heldout: HeldoutRequests | None  # request_source=heldout: the table's split, for the replay
 
 
 def check(params: Params) -> None:
@@ -73,6 +77,11 @@ def check(params: Params) -> None:
     if params.num_threads < 1:
         raise ParameterError(f"parameter num_threads must be >= 1, got {params.num_threads}")
     comma_list(params.dataset, "dataset", DATASETS)
+    if params.request_source not in REQUEST_SOURCES:
+        raise ParameterError(f"parameter request_source must be one of {list(REQUEST_SOURCES)}, got {params.request_source!r}")
+    if params.request_source == "heldout" and params.split != "test":
+        raise ParameterError(f"parameter split={params.split!r}: request_source=heldout answers the measured table's "
+                             "held-out samples, which are test samples (use request_source=split)")
 
 
 def prepare(params: Params) -> Prepared:
@@ -82,18 +91,31 @@ def prepare(params: Params) -> Prepared:
         CalibrationSettings(params.calibration_window, params.calibration_quantile, params.calibration_method),
         params.compare, params.contention, params.contention_fraction, params.contention_workers,
         params.contention_duty)
-    requests, warmup = request_stream(comma_list(params.dataset, "dataset", DATASETS) or list(DATASETS), params.split,
-                                      params.num_samples, params.warmup, params.seed)
+    datasets = comma_list(params.dataset, "dataset", DATASETS)
     models = resolve_models(params.model_path, params.controller_path, params.estimator, params.importance, params.device)
-    lookup = (lookup_configs(ProfileStore(params.measured_table).load(), params.measured_table, models.backend.space,
-                             settings.fractions) if params.compare and params.latency_budget == 0 else None)
-    return Prepared(models, requests, warmup, settings, lookup)
+    table = ProfileStore(params.measured_table).load() if params.compare or params.request_source == "heldout" else None
+    heldout = None
+    if params.request_source == "heldout":
+        heldout = heldout_requests(table, params.measured_table, models.backend.space, params.calibration_seed, datasets,
+                                   params.num_samples, params.warmup, params.seed, settings.fractions)
+        requests, warmup = heldout.requests, heldout.warmup
+    else:
+        requests, warmup = request_stream(datasets or list(DATASETS), params.split, params.num_samples, params.warmup,
+                                          params.seed)
+    lookup = (lookup_configs(table, params.measured_table, models.backend.space, settings.fractions)
+              if params.compare and params.latency_budget == 0 else None)
+    return Prepared(models, requests, warmup, settings, lookup, heldout)
 
 
 def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict[str, float]:
     torch.set_num_threads(params.num_threads)
-    log_dataset_input(samples_frame(prepared.requests), f"synthetic-vqa-{params.split}", params.split,
-                      {"generator": "core.vqa.suite.load_split", "order_seed": str(params.seed)})
+    heldout = prepared.heldout
+    log_dataset_input(samples_frame(prepared.requests),
+                      f"synthetic-vqa-{params.split}" if heldout is None else "measured-table-heldout", params.split,
+                      {"generator": "core.vqa.suite", "order_seed": str(params.seed),
+                       **({"measured_table": params.measured_table} if heldout is not None else {})})
+    if heldout is not None:
+        mlflow.log_params({**heldout.setup.split.as_params(), "requests_per_run": len(prepared.requests)})
     models = prepared.models
     mlflow.log_params({f"resolved_{k}_version": v or "path" for k, v in models.versions.items()})
     mlflow.log_params({f"controller_{k}": v for k, v in describe_rule(models.controller).items()})
@@ -104,6 +126,12 @@ def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict
     rows, l_full = run_experiment(models.backend, models.controller, models.estimator, prepared.requests,
                                   prepared.warmup, prepared.settings, prepared.lookup, on_load)
     metrics = {"l_full_ms_measured": l_full, **report.budget_metrics(rows), **report.contention_metrics(rows)}
+    if heldout is not None and params.latency_budget == 0:
+        # The replay `evaluate_controller` gives for this controller on the same samples and budget fractions.
+        replay, decisions = replay_decisions(models.controller, models.backend, heldout, prepared.settings.fractions)
+        metrics.update({**replay, **report.replay_comparison(rows, replay, decisions),
+                        "l_full_ms_table": heldout.setup.l_full})
+        log_csv(decisions, "adaptive/replay_decisions.csv")
     mlflow.log_metrics(metrics)
     log_csv(rows, "adaptive/requests.csv")
     log_csv(report.knob_distribution(rows), "adaptive/knob_distribution.csv")

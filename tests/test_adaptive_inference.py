@@ -16,16 +16,18 @@ from mlflow.tracking import MlflowClient
 
 from core.adaptive.calibration import CalibrationError, OnlineCalibration
 from core.adaptive.contention import CPULoad
+from core.adaptive.experiment import heldout_requests
 from core.adaptive.guardrail import Guardrail
 from core.adaptive.inference import AdaptiveInference
 from core.control.decision import config_grid, fit_output_length
+from core.control.measured import split_calibration
 from core.control.policies import knob_options
 from core.control.supervised import ControllerArrays, Rule, TrainingConfig, train_controller
 from core.knobs import BASE_VLM_SPACE, KnobConfig
 from core.latency.estimator import EstimatorConfig, LatencyEstimator, train_estimator
 from core.profiling.store import ProfileStore
 from core.vlm.base_vlm import BaseVLMBackend
-from core.vqa.suite import make_sample
+from core.vqa.suite import make_sample, sample_from_id
 from tests.conftest import REPO_ROOT
 from tests.helpers import synthetic_profile
 
@@ -180,8 +182,24 @@ def test_a_duty_cycled_load_spins_for_its_share_of_the_time():
 def measured_table(tmp_path_factory) -> str:
     store = ProfileStore(tmp_path_factory.mktemp("measured"))
     for seed, dataset in enumerate(DATASETS):
-        store.append(synthetic_profile(num_samples=4, num_runs=2, space=BASE_VLM_SPACE, seed=seed, dataset=dataset, noise=0.03))
+        table = synthetic_profile(num_samples=6, num_runs=2, space=BASE_VLM_SPACE, seed=seed, dataset=dataset, noise=0.03)
+        # the suite's own questions: the replay rebuilds each sample from its id and checks them
+        store.append(table.assign(question=[sample_from_id(i).question for i in table["sample_id"]]))
     return str(store.results_dir)
+
+
+def test_heldout_requests_are_the_tables_heldout_samples_and_warm_up_on_calibration_ones(measured_table):
+    table = ProfileStore(measured_table).load()
+    heldout = heldout_requests(table, measured_table, BASE_VLM_SPACE, 0, ["synth_attrvqa", "synth_textvqa"], 5, 3, 0,
+                               (0.6, 1.0))
+    split = split_calibration(table, 0.7, 0)
+    expected = set(split.heldout.loc[split.heldout["dataset"].isin(["synth_attrvqa", "synth_textvqa"]), "sample_id"])
+    assert {s.sample_id for s in heldout.requests} == expected and len(heldout.requests) == 4  # 2 held out per data set
+    assert {s.sample_id for s in heldout.warmup} <= set(split.calibration["sample_id"]) and len(heldout.warmup) == 3
+    assert {s.dataset for s in heldout.warmup} == {"synth_attrvqa", "synth_textvqa"}  # data sets in turn
+    with pytest.raises(ValueError, match="parameter dataset: synth_countvqa is not in the measured table"):
+        heldout_requests(table[table["dataset"] != "synth_countvqa"], measured_table, BASE_VLM_SPACE, 0,
+                         ["synth_countvqa"], 5, 3, 0, (0.6,))
 
 
 def _args(controller_dir: str, estimator_file: str, measured: str, **extra: str) -> list[str]:
@@ -208,6 +226,13 @@ def test_adaptive_inference_reports_every_method_and_the_contention_ablation(tra
         for p in ("60", "100"):
             assert {f"{method}_accuracy_at_{p}", f"{method}_adherence_at_{p}", f"{method}_latency_p99_ms_at_{p}"} <= set(metrics)
     assert {"adaptive_interventions_at_60", "adaptive_overhead_ms_mean", "l_full_ms_measured"} <= set(metrics)
+    # the replay of the same controller on the same held-out samples, beside the live figures
+    for p in ("60", "100"):
+        assert {f"replay_accuracy_at_{p}", f"adaptive_minus_replay_accuracy_at_{p}"} <= set(metrics)
+        assert 0 <= metrics[f"adaptive_replay_agreement_at_{p}"] <= 1
+        assert metrics[f"adaptive_minus_replay_accuracy_at_{p}"] == pytest.approx(
+            metrics[f"adaptive_accuracy_at_{p}"] - metrics[f"replay_accuracy_at_{p}"])
+    assert run.data.params["heldout_samples"] == "6" and run.data.params["requests_per_run"] == "4"
     for setting in ("on", "off"):
         assert {f"contention_{setting}_adherence_{phase}" for phase in ("before", "during", "after")} <= set(metrics)
     assert run.data.params["resolved_controller_version"] == "path" and run.data.params["guardrail"] == "True"

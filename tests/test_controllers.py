@@ -182,6 +182,26 @@ def test_the_numpy_forward_of_small_batches_is_the_torch_forward():
         expected = net(fraction, features)
     for knob, logits in net.forward_numpy(fraction.numpy(), features.numpy()).items():
         np.testing.assert_allclose(logits, expected[knob].numpy(), rtol=1e-4, atol=1e-5)
+    # one request at a time: the budget's term is computed once per fraction and kept; a repeat is the same
+    for _ in range(2):
+        for i in range(len(fraction)):
+            one = net.forward_numpy(fraction.numpy()[i:i + 1], features.numpy()[i:i + 1])
+            for knob, logits in one.items():
+                np.testing.assert_allclose(logits[0], expected[knob].numpy()[i], rtol=1e-4, atol=1e-5)
+
+
+def test_the_single_request_rule_and_length_are_the_batch_ones():
+    rng = np.random.default_rng(3)
+    score, upper = rng.normal(size=(40, 75)), rng.uniform(10, 40, size=(40, 75))
+    budget = rng.uniform(5, 45, size=40)  # some rows fit nothing: the fastest config, flagged
+    index, fits = choose(score, upper, budget)
+    assert (~fits).any() and fits.any()
+    for i in range(40):
+        one, one_fits = choose(score[i:i + 1], upper[i:i + 1], budget[i:i + 1])
+        assert (one[0], one_fits[0]) == (index[i], fits[i])
+    model = fit_output_length(rng.normal(size=(30, 6)), rng.integers(1, 12, size=30))
+    question = rng.normal(size=(25, 6)) * 3
+    assert [model.predict_one(q[None]) for q in question] == model.predict(question).tolist()
 
 
 def test_a_saved_controller_decides_as_before(tmp_path, estimator_file):

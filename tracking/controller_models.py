@@ -54,7 +54,7 @@ class BudgetControllerPyfunc(mlflow.pyfunc.PythonModel):
     def _features(self, frame: pd.DataFrame) -> pd.DataFrame:
         from core.control.data import sample_features
         from core.vqa.sample import VQASample
-        from core.vqa.suite import make_sample
+        from core.vqa.suite import sample_from_id
         from tracking.pyfunc_models import decode_image
 
         ids = frame["sample_id"].astype(str) if "sample_id" in frame else pd.Series([""] * len(frame))
@@ -72,8 +72,7 @@ class BudgetControllerPyfunc(mlflow.pyfunc.PythonModel):
                     samples.append(VQASample(f"request:{i}", "request", "vqa", decode_image(image),
                                              str(frame["question"].iloc[i]), (), 16))
                 else:
-                    dataset, split, index = ids.iloc[i].split(":")
-                    samples.append(make_sample(dataset, split, int(index)))
+                    samples.append(sample_from_id(ids.iloc[i]))
             computed = sample_features(self._backend, samples)
             for i, (_, row) in zip(todo, computed.iterrows()):
                 rows[i] = row

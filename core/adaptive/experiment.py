@@ -1,6 +1,10 @@
 """An adaptive-inference run: L_full measured on this machine, then the same requests answered
 adaptively and by the yardsticks, and optionally under contention with calibration on and off.
 
+Requests: the held-out samples of a measured table (`heldout_requests`: those `evaluate_controller`
+replays, so the run reports the replay of the same controller on the same samples beside its live
+figures, `replay_decisions`), or the first samples of each data set's suite split (`request_stream`).
+
 Order, all batch 1, one request at a time:
   1. warm-up: `warmup` requests (not scored) at the full config; the median of their wall times is
      L_full, the full config's measured latency here and now, and budgets are fractions of it (or a
@@ -16,6 +20,7 @@ Order, all batch 1, one request at a time:
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -31,13 +36,15 @@ from core.adaptive.guardrail import Guardrail
 from core.adaptive.inference import AdaptiveInference, answer_static
 from core.control.budgets import budget_percent, check_fractions, full_latency_ms
 from core.control.decision import LearnedController
-from core.control.measured import check_measured_table, split_calibration
-from core.control.yardsticks import lookup_table
+from core.control.evaluation import MeasuredSetup, controller_decisions, measured_setup, suite_features
+from core.control.measured import check_measured_table, samples_of, split_calibration
+from core.control.scoring import score_decisions
+from core.control.yardsticks import lookup_table, oracle
 from core.knobs import KnobConfig, KnobSpace
 from core.latency.estimator import LatencyEstimator
 from core.vlm.base_vlm import BaseVLMBackend
 from core.vqa.sample import VQASample
-from core.vqa.suite import SPLIT_SIZES, load_split
+from core.vqa.suite import SPLIT_SIZES, load_split, sample_from_id
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,59 @@ def request_stream(datasets: Sequence[str], split: str, num_samples: int, warmup
     requests = [s for d in datasets for s in drawn[d][:num_samples]]
     random.Random(seed).shuffle(requests)
     return requests, [s for d in datasets for s in drawn[d][num_samples:]][:warmup]
+
+
+REQUEST_SOURCES: tuple[str, ...] = ("heldout", "split")
+
+
+@dataclass
+class HeldoutRequests:
+    """The held-out samples of a measured table as live requests (the ones `evaluate_controller` replays),
+    warm-up samples from its calibration part, and the table made ready for the replay."""
+
+    requests: list[VQASample]
+    warmup: list[VQASample]
+    setup: MeasuredSetup
+    source: str
+
+
+def heldout_requests(table: pd.DataFrame, source: str, space: KnobSpace, calibration_seed: int,
+                     datasets: Sequence[str], num_samples: int, warmup: int, seed: int,
+                     fractions: Sequence[float]) -> HeldoutRequests:
+    """The first `num_samples` held-out samples of each data set (all of them if fewer), split by
+    `calibration_seed` as `evaluate_controller` splits the table, in a `seed`-shuffled order; `warmup`
+    calibration samples, data sets in turn. ValueError (one line) for a data set the table lacks."""
+    if num_samples < 1:
+        raise ValueError(f"parameter num_samples must be >= 1, got {num_samples}")
+    setup = measured_setup(table, source, space, calibration_seed, fractions)
+    heldout, calibration = samples_of(setup.split.heldout), samples_of(setup.split.calibration)
+    present = sorted(heldout["dataset"].unique())
+    chosen = list(datasets) or present
+    absent = [d for d in chosen if d not in present]
+    if absent:
+        raise ValueError(f"parameter dataset: {absent[0]} is not in the measured table {source} (has {present})")
+    ids = [i for d in chosen for i in heldout.loc[heldout["dataset"] == d, "sample_id"].head(num_samples)]
+    requests = [sample_from_id(i) for i in ids]
+    random.Random(seed).shuffle(requests)
+    by_dataset = [calibration.loc[calibration["dataset"] == d, "sample_id"].tolist() for d in chosen]
+    warm_ids = [i for group in itertools.zip_longest(*by_dataset) for i in group if i is not None][:warmup]
+    return HeldoutRequests(requests, [sample_from_id(i) for i in warm_ids], setup, source)
+
+
+def replay_decisions(controller: LearnedController, backend: BaseVLMBackend, heldout: HeldoutRequests,
+                     fractions: Sequence[float]) -> tuple[dict[str, float], pd.DataFrame]:
+    """What `evaluate_controller` reports for this controller on the same requests: its decisions replayed
+    on their measured runs at B = f x the table's L_full. (replay_accuracy_at_<p> / replay_adherence_at_<p>,
+    the decisions)."""
+    ids = {s.sample_id for s in heldout.requests}
+    table = heldout.setup.split.heldout
+    runs = table[table["sample_id"].astype(str).isin(ids)].reset_index(drop=True)
+    features = suite_features(backend, runs, heldout.source)
+    decisions = controller_decisions(controller, features, runs, heldout.setup.l_full, fractions)
+    scored = score_decisions(decisions, runs, heldout.setup.l_full, oracle(runs, heldout.setup.l_full, fractions))
+    metrics = {f"replay_{m}_at_{budget_percent(f)}": scored[f"test_{m}_at_{budget_percent(f)}"]
+               for f in check_fractions(fractions) for m in ("accuracy", "adherence")}
+    return metrics, decisions
 
 
 def lookup_configs(table: pd.DataFrame, source: str, space: KnobSpace, fractions: Sequence[float],

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.control.decision import grid_arrays
+from core.control.decision import grid_arrays, total_from_stages
 from core.knobs import TIERS
 from core.latency.estimator import LatencyEstimator
 
@@ -37,6 +37,23 @@ def stage_p90_ms(estimator: LatencyEstimator, sizes: np.ndarray, options: dict[s
     raw = np.column_stack([vision, np.full(len(tier_index), sizes[0]), crops, tier_index,
                            grid["top_k"].astype(np.float64), grid["num_active_blocks"].astype(np.float64)])
     return estimator.predict_array(raw)[:, 3:6]
+
+
+class RequestLatency:
+    """One request size's stage P90s (configs, 3) and what the request path derives from them, each
+    computed once per size: on the live path every numpy call costs microseconds with cold caches."""
+
+    def __init__(self, p90: np.ndarray) -> None:
+        self.p90 = p90
+        self.stage_means = {stage: float(m) for stage, m in zip(("vision", "prefill", "decode"), p90.mean(axis=0))}
+        self._totals: dict[int, np.ndarray] = {}
+
+    def total(self, decode_steps: int) -> np.ndarray:
+        """(configs,) P90 of T_total for an answer of `decode_steps` forwards after the first token."""
+        found = self._totals.get(decode_steps)
+        if found is None:
+            found = self._totals[decode_steps] = total_from_stages(self.p90, decode_steps)
+        return found
 
 
 @dataclass
@@ -59,20 +76,29 @@ class Guardrail:
 
     def stage_p90(self, sizes: np.ndarray) -> np.ndarray:
         """`stage_p90_ms` for one request, cached by its sizes (the estimator is deterministic)."""
+        return self.request_latency(sizes).p90
+
+    def request_latency(self, sizes: np.ndarray) -> "RequestLatency":
+        """The estimator's figures for one request's sizes, cached by them (the estimator is deterministic)."""
         key = np.asarray(sizes, dtype=np.float64).tobytes()
-        if key not in self._cache:
+        found = self._cache.get(key)
+        if found is None:
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.clear()
-            self._cache[key] = stage_p90_ms(self.estimator, np.asarray(sizes, dtype=np.float64), self.options)
-        return self._cache[key]
+            found = self._cache[key] = RequestLatency(stage_p90_ms(self.estimator, np.asarray(sizes, dtype=np.float64),
+                                                                   self.options))
+        return found
 
     def check(self, index: int, p90: np.ndarray, decode_steps: int, factors: dict[str, float],
               remaining_ms: float) -> GuardrailDecision:
         """The final config for a request whose controller chose `index`, given its (configs, 3) stage
         P90s, the predicted decode steps, the calibration factors and the budget left."""
-        remaining = factors["prefill"] * p90[:, 1] + factors["decode"] * p90[:, 2] * max(decode_steps, 0)
-        if remaining[index] <= remaining_ms or not self.enabled:
-            return GuardrailDecision(index, False, bool(remaining[index] <= remaining_ms), float(remaining[index]))
+        steps = max(decode_steps, 0)
+        # The controller's config first, in scalars: it fits on most requests, and then no array is needed.
+        own = factors["prefill"] * float(p90[index, 1]) + factors["decode"] * float(p90[index, 2]) * steps
+        if own <= remaining_ms or not self.enabled:
+            return GuardrailDecision(index, False, bool(own <= remaining_ms), own)
+        remaining = factors["prefill"] * p90[:, 1] + factors["decode"] * p90[:, 2] * steps
         in_tier = self.grid["tier_index"] == self.grid["tier_index"][index]
         fitting = in_tier & (remaining <= remaining_ms)
         if fitting.any():

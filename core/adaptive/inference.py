@@ -5,9 +5,10 @@ For each request (a VQA sample and a budget B in ms), timed from arrival to answ
                  count and mean embedding, the global view encoded once (its tokens are reused by the
                  vision stage: the global view is the same crop at every tier) and its mean, and each
                  tier's crop count (from the image size alone);
-  2. decision    the controller's rule on those features, its budget divided by the calibration's
-                 drift (how much slower than the controller's static calibration the machine is now);
-                 the tier it picks is final, its (top_k, blocks) provisional;
+  2. decision    the controller's rule on those features, its fit check's latencies multiplied by the
+                 calibration's drift (how much slower than the controller's static calibration the
+                 machine is now: the same check as the budget divided by it; the net's heads see the
+                 budget asked for); the tier it picks is final, its (top_k, blocks) provisional;
   3. vision      the tier's tiles encoded (measured);
   4. guardrail   (core.adaptive.guardrail) the provisional (top_k, blocks) must fit what is left of B,
                  at the calibrated P90; otherwise a step down within the tier;
@@ -19,6 +20,7 @@ exists only because the platform adapts).
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import asdict, dataclass
 
@@ -27,7 +29,7 @@ import torch
 
 from core.adaptive.calibration import OnlineCalibration
 from core.adaptive.guardrail import Guardrail
-from core.control.decision import LearnedController, grid_arrays, total_from_stages
+from core.control.decision import LearnedController, grid_arrays
 from core.knobs import TIERS, KnobConfig
 from core.timing import StageClock
 from core.vlm.base_vlm import BaseVLMBackend, apply_knobs
@@ -86,7 +88,9 @@ class AdaptiveInference:
                  calibration: OnlineCalibration) -> None:
         self.backend, self.controller, self.guardrail, self.calibration = backend, controller, guardrail, calibration
         self.model, self.space = backend.model, backend.space
-        self.grid = grid_arrays(controller.options)
+        grid = grid_arrays(controller.options)
+        self.configs = [KnobConfig(str(t), int(k), int(b))  # by grid index: no numpy indexing per request
+                        for t, k, b in zip(grid["tier"], grid["top_k"], grid["num_active_blocks"])]
         self.full = self.space.full()
 
     def _sync(self) -> None:
@@ -112,8 +116,7 @@ class AdaptiveInference:
         return q, gv, sizes, glob_tokens
 
     def _config(self, index: int) -> KnobConfig:
-        return KnobConfig(str(self.grid["tier"][index]), int(self.grid["top_k"][index]),
-                          int(self.grid["num_active_blocks"][index]))
+        return self.configs[index]
 
     @torch.inference_mode()
     def answer(self, sample: VQASample, budget_ms: float) -> AdaptiveAnswer:
@@ -124,15 +127,17 @@ class AdaptiveInference:
         t_features = _ms(start)
 
         t = time.perf_counter()
-        p90 = self.guardrail.stage_p90(sizes)
-        length = int(controller.output_length.predict(q)[0])
+        latency = self.guardrail.request_latency(sizes)
+        p90 = latency.p90
+        length = controller.output_length.predict_one(q)
         steps = max(length - 1, 0)
-        drift = self.calibration.drift({"vision": float(p90[:, 0].mean()), "prefill": float(p90[:, 1].mean()),
-                                        "decode": float(p90[:, 2].mean()) * steps})
-        budget = np.array([budget_ms / drift])
+        means = latency.stage_means
+        drift = self.calibration.drift({"vision": means["vision"], "prefill": means["prefill"], "decode": means["decode"] * steps})
+        budget = np.array([budget_ms])
         # The rule's P90 of T_total from the guardrail's stage P90s (what `decide_arrays` computes with a
-        # second estimator pass): one estimator pass per request serves both.
-        upper = total_from_stages(p90, steps)[None] * controller.latency_factor
+        # second estimator pass): one estimator pass per request serves both. The drift scales the fit
+        # check's latencies (the same check as the budget divided by it); the heads see the budget asked for.
+        upper = latency.total(steps)[None] * (controller.latency_factor * drift)
         index, _ = controller.choose(controller.head_log_probs(q, gv if controller.net.uses_global_view else None, budget,
                                                                normalise=False), upper, budget)
         first = self._config(int(index[0]))
@@ -173,6 +178,14 @@ class AdaptiveInference:
             decision.fits, len(generated), t_features, t_decision, measured["vision"], t_guardrail, measured["prefill"],
             measured["decode"], t_calibration, total, t_decision + t_guardrail + t_calibration,
             after["vision"], after["prefill"], after["decode"])
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (the models, the libraries) out of the garbage collector's
+    generations (`gc.freeze`), once, before serving: a collection that falls inside a request then walks
+    what requests allocate, not the hundreds of thousands of objects torch, transformers and MLflow hold."""
+    gc.collect()
+    gc.freeze()
 
 
 def answer_static(backend: BaseVLMBackend, sample: VQASample, config: KnobConfig, budget_ms: float) -> dict[str, object]:

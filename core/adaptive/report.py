@@ -10,7 +10,10 @@ Metric names, per method m, budget percent p ("fixed" for a budget in ms) and ph
   <m>_latency_p50_ms_at_<p> / _p95_ / _p99_; for the adaptive method also
   adaptive_interventions_at_<p> (guardrail step-downs per request), adaptive_unfit_at_<p>, and over the
   whole run adaptive_overhead_ms_mean / _p99;
-  contention runs: contention_<calibration>_<metric>_<phase> (e.g. contention_on_adherence_during).
+  contention runs: contention_<calibration>_<metric>_<phase> (e.g. contention_on_adherence_during);
+  on a measured table's held-out requests, the replay of the same controller on the same samples:
+  replay_accuracy_at_<p>, replay_adherence_at_<p>, adaptive_minus_replay_accuracy_at_<p>,
+  adaptive_replay_agreement_at_<p>.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from core.control.budgets import budget_percent
 from core.knobs import KNOBS
 
 PHASES: tuple[str, ...] = ("before", "during", "after")
@@ -55,6 +59,26 @@ def contention_metrics(rows: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def replay_comparison(rows: pd.DataFrame, replay: dict[str, float], decisions: pd.DataFrame) -> dict[str, float]:
+    """Live against replay on the same requests (phase "all"), per budget percent p:
+    adaptive_minus_replay_accuracy_at_<p> (points of accuracy, live - replay) and
+    adaptive_replay_agreement_at_<p> (share of requests whose live config, after the guardrail, is the
+    replayed decision)."""
+    live = rows[(rows["method"] == "adaptive") & (rows["phase"] == "all")]
+    key = ["sample_id", "budget_percent"]
+    replayed = decisions.assign(sample_id=decisions["sample_id"].astype(str),
+                                budget_percent=[budget_percent(f) for f in decisions["fraction"]])
+    both = live[[*key, *KNOBS]].astype({"sample_id": str}).merge(replayed[[*key, *KNOBS]], on=key, suffixes=("", "_replay"))
+    out: dict[str, float] = {}
+    for p, part in both.groupby("budget_percent"):
+        same = np.logical_and.reduce([part[k].astype(str) == part[f"{k}_replay"].astype(str) for k in KNOBS])
+        out[f"adaptive_replay_agreement_at_{p}"] = float(np.mean(same))
+        if f"replay_accuracy_at_{p}" in replay:
+            accuracy = float(live.loc[live["budget_percent"] == p, "accuracy"].mean())
+            out[f"adaptive_minus_replay_accuracy_at_{p}"] = accuracy - replay[f"replay_accuracy_at_{p}"]
+    return out
+
+
 def knob_distribution(rows: pd.DataFrame) -> pd.DataFrame:
     """Share of each (tier, top_k, blocks) per method, budget fraction and data set (phase "all")."""
     part = rows[rows["phase"] == "all"]
@@ -72,6 +96,11 @@ def headline(metrics: dict[str, float]) -> str:
                 if f"static_full_accuracy_at_{p}" in metrics else "") for p in percents]
     line = (f"adaptive inference, L_full {metrics['l_full_ms_measured']:.1f} ms: " + "; ".join(parts)
             + f"; overhead {metrics.get('adaptive_overhead_ms_mean', float('nan')):.3f} ms/request")
+    gaps = [p for p in percents if f"adaptive_minus_replay_accuracy_at_{p}" in metrics]
+    if gaps:
+        line += "\nreplay of the same requests (evaluate_controller): " + "; ".join(
+            f"{p}%: acc {metrics[f'replay_accuracy_at_{p}']:.3f} (live - replay {metrics[f'adaptive_minus_replay_accuracy_at_{p}']:+.3f}, "
+            f"same config {metrics[f'adaptive_replay_agreement_at_{p}']:.2f})" for p in gaps)
     if "contention_on_adherence_during" in metrics:
         line += (f"\ncontention adherence during load: calibration on {metrics['contention_on_adherence_during']:.3f}, "
                  f"off {metrics['contention_off_adherence_during']:.3f}")

@@ -152,6 +152,14 @@ class OutputLengthModel:
         raw = np.asarray(question, dtype=np.float64) @ folded[0] + folded[1]
         return np.clip(np.rint(raw), 1, self.max_tokens).astype(np.int64)
 
+    def predict_one(self, question: np.ndarray) -> int:
+        """`predict` for one request's (1, d) or (d,) features, with one numpy call (the request path's)."""
+        if "_folded" not in self.__dict__:
+            self.predict(np.zeros((1, len(self.mean))))
+        slope, intercept = self.__dict__["_folded"]
+        raw = float(np.dot(np.ravel(question), slope)) + intercept
+        return int(min(max(round(raw), 1), self.max_tokens))  # round: half to even, as np.rint
+
     def as_dict(self) -> dict:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items() if not k.startswith("_")}
 
@@ -255,6 +263,11 @@ def joint_log_prob(log_probs: dict[str, np.ndarray]) -> np.ndarray:
 def choose(score: np.ndarray, upper_ms: np.ndarray, budget_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The config index of the highest `score` (N, configs) among those with upper_ms <= budget_ms, else
     of the lowest upper_ms; and whether one fitted. (indices (N,), fits (N,) bool)."""
+    if len(score) == 1:  # one request (the live path): the same rule in fewer numpy calls
+        masked = np.where(upper_ms[0] <= float(np.asarray(budget_ms).reshape(-1)[0]), score[0], -np.inf)
+        best = int(masked.argmax())
+        fits = bool(masked[best] > -np.inf)
+        return np.array([best if fits else int(upper_ms[0].argmin())]), np.array([fits])
     fitting = upper_ms <= np.asarray(budget_ms, dtype=np.float64)[:, None]
     fits = fitting.any(axis=1)
     best_fitting = np.argmax(np.where(fitting, score, -np.inf), axis=1)
@@ -496,6 +509,6 @@ def _net_log_probs(net: ControllerNet, question: np.ndarray, gv: np.ndarray | No
         logits = {k: v.numpy() for k, v in net(torch.as_tensor(fraction), net.inputs(question, gv)).items()}
     if net.config.per_tier:
         logits = {k: v.reshape(len(v), len(TIERS), -1) for k, v in logits.items()}
-    if not normalise:
-        return {k: v.astype(np.float64) for k, v in logits.items()}
+    if not normalise:  # float32 logits: the rule only ranks sums of them
+        return logits
     return {k: (v - np.logaddexp.reduce(v, axis=-1, keepdims=True)).astype(np.float64) for k, v in logits.items()}

@@ -145,14 +145,13 @@ def suite_features(backend, table: pd.DataFrame, source: str) -> pd.DataFrame:
     the samples rebuilt from the VQA suite by id. ValueError (one line) for an id the suite cannot
     rebuild or a question that differs from the table's (a table profiled on another suite version)."""
     from core.control.data import sample_features
-    from core.vqa.suite import make_sample
+    from core.vqa.suite import sample_from_id
 
     rows = table.astype({"sample_id": str}).drop_duplicates("sample_id").sort_values("sample_id")
     samples = []
     for sample_id, question in zip(rows["sample_id"], rows["question"] if "question" in rows else [None] * len(rows)):
         try:
-            dataset, split, index = sample_id.split(":")
-            sample = make_sample(dataset, split, int(index))
+            sample = sample_from_id(sample_id)
         except ValueError as exc:
             raise ControllerError(f"{source}: field sample_id {sample_id!r} is not a suite sample ({exc})") from None
         if question is not None and sample.question != question:

@@ -21,9 +21,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 from core.knobs import KNOBS, TIERS, KnobSpace
+
+_BUDGET_TERM_CACHE = 1024  # distinct budget fractions whose first-layer term a single-request forward keeps
 
 
 @dataclass
@@ -140,20 +143,36 @@ class ControllerNet(nn.Module):
         weights and a call per step, `benchmarks/bench_controller_decision.py`)."""
         weights = self.__dict__.get("_numpy_weights") or self.refresh_numpy()
         f = np.asarray(fraction, dtype=np.float32).reshape(-1, 1)
+        x_weight, budget_weight, bias = weights["first"]
+        if len(f) == 1:  # one request: the budget's term depends on the fraction alone, kept per exact value
+            cache = weights["budget_terms"]
+            key = f.tobytes()
+            budget_term = cache.get(key)
+            if budget_term is None:
+                if len(cache) >= _BUDGET_TERM_CACHE:
+                    cache.clear()
+                budget_term = cache[key] = self._budget_term(f, weights)
+        else:
+            budget_term = self._budget_term(f, weights)
+        hidden = np.asarray(features, dtype=np.float32) @ x_weight + budget_term
+        hidden *= expit(hidden)  # SiLU in two calls
+        for w, b in weights["trunk"]:
+            hidden = hidden @ w + b
+            hidden *= expit(hidden)
+        logits = hidden @ weights["heads"][0] + weights["heads"][1]
+        return {k: logits[:, start:stop] for k, (start, stop) in weights["head_slices"].items()}
+
+    @staticmethod
+    def _budget_term(f: np.ndarray, weights: dict) -> np.ndarray:
+        """(N, 1) budget fractions -> (N, hidden) their contribution to the first trunk layer, its bias included."""
         angles = f * weights["frequencies"]
         budget = np.concatenate([f, np.sin(angles), np.cos(angles)], axis=1)
         for i, (w, b) in enumerate(weights["budget"]):
             budget = budget @ w + b
             if i < len(weights["budget"]) - 1:
-                budget = budget / (1.0 + np.exp(-budget))  # SiLU
-        x_weight, budget_weight, bias = weights["first"]
-        hidden = np.asarray(features, dtype=np.float32) @ x_weight + budget @ budget_weight + bias
-        hidden = hidden / (1.0 + np.exp(-hidden))
-        for w, b in weights["trunk"]:
-            hidden = hidden @ w + b
-            hidden = hidden / (1.0 + np.exp(-hidden))
-        logits = hidden @ weights["heads"][0] + weights["heads"][1]
-        return {k: logits[:, start:stop] for k, (start, stop) in weights["head_slices"].items()}
+                budget = budget * expit(budget)  # SiLU
+        _, budget_weight, bias = weights["first"]
+        return budget @ budget_weight + bias
 
     def refresh_numpy(self) -> dict:
         def pairs(modules) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -170,7 +189,8 @@ class ControllerNet(nn.Module):
                    "first": (np.ascontiguousarray(x_weight), np.ascontiguousarray(w[in_dim:]), b - (mean / std) @ w[:in_dim]),
                    "trunk": trunk[1:],
                    "heads": (np.concatenate([hw for hw, _ in heads], axis=1), np.concatenate([hb for _, hb in heads])),
-                   "head_slices": {k: (int(bounds[i]), int(bounds[i + 1])) for i, k in enumerate(self.heads)}}
+                   "head_slices": {k: (int(bounds[i]), int(bounds[i + 1])) for i, k in enumerate(self.heads)},
+                   "budget_terms": {}}
         self.__dict__["_numpy_weights"] = weights
         return weights
 

@@ -284,6 +284,15 @@ def make_sample(dataset: str, split: str, index: int, seed: int = 0) -> VQASampl
     )
 
 
+def sample_from_id(sample_id: str, seed: int = 0) -> VQASample:
+    """The suite sample "<dataset>:<split>:<index>" (as measured tables and controller data name them).
+    ValueError (one line) for an id the suite cannot rebuild."""
+    parts = str(sample_id).split(":")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise ValueError(f"sample id {sample_id!r} is not <dataset>:<split>:<index>")
+    return make_sample(parts[0], parts[1], int(parts[2]), seed)
+
+
 def sample_annotations(sample_id: str, seed: int = 0) -> Annotations:
     """Regions and all question/answer pairs of sample "<dataset>:<split>:<index>" (see Annotations).
 
