@@ -43,7 +43,7 @@ class Params:
     seq_len: int = _D.seq_len  # minutes of history per window
     horizon: int = _D.horizon  # minutes forecast
     stride: int = _D.stride
-    split: str = "0.7,0.1"  # chronological train,val fractions (the rest is test) or train,val,test
+    split: str = "0.7,0.1"  # time-order fractions train,val (rest: test), train,val,test or train,val,gap,test
     kernel_size: int = _D.kernel_size  # DLinear's moving-average kernel
     hidden_width: int = _D.hidden_width  # calendar MLP: hidden units
     recent_minutes: int = _D.recent_minutes  # calendar MLP: last minutes fed raw

@@ -115,15 +115,35 @@ def test_build_datasets_applies_stride_to_train_only():
     assert np.diff(data.t0_test).max() == 1
 
 
-def test_split_parameter_takes_two_or_three_fractions():
-    from core.forecasting.windows import parse_split
+def test_split_parameter_takes_two_three_or_four_fractions():
+    from core.forecasting.windows import SplitFractions, parse_split
 
-    assert parse_split("0.6,0.1") == (0.6, 0.1, None) and parse_split("0.6,0.1,0.2") == (0.6, 0.1, 0.2)
-    for bad in ("0.6", "a,b", "0.1,0.2,0.3,0.4"):
+    assert parse_split("0.6,0.1") == SplitFractions(0.6, 0.1, 0.0, None)
+    assert parse_split("0.6,0.1,0.2") == SplitFractions(0.6, 0.1, 0.0, 0.2)
+    assert parse_split("0.6,0.1,0.2,0.1") == SplitFractions(0.6, 0.1, 0.2, 0.1)
+    for bad in ("0.6", "a,b", "0.1,0.2,0.3,0.4,0.5"):
         with pytest.raises(ForecastDataError, match="split must be"):
             parse_split(bad)
     split = chronological_split(_indexed_series(1000), 0.6, 0.1, 0.2)
     assert (split.val_start, split.test_start, len(split.test), len(split.full)) == (600, 700, 200, 900)
+
+
+def test_sixty_ten_twenty_ten_split_tests_on_the_last_tenth_after_a_gap():
+    # SmartLLMServe's split: 60 % train, 10 % val, 20 % for its RL learner, the last 10 % test.
+    series = _indexed_series(1000)
+    split = chronological_split(series, 0.6, 0.1, 0.1, gap_frac=0.2)
+    assert (split.val_start, split.val_end, split.test_start, len(split.full)) == (600, 700, 900, 1000)
+    assert len(split.val) == 100 and len(split.test) == 100
+    data = build_datasets(series, seq_len=24, horizon=3, train_frac=0.6, val_frac=0.1, test_frac=0.1, gap_frac=0.2)
+    assert data.t0_val[0] == 600 and data.t0_val[-1] + 3 == 700  # no val window scores the gap
+    assert data.t0_test[0] == 900 and data.t0_test[-1] + 3 == 1000 and len(data.t0_test) == 98
+    np.testing.assert_array_equal(data.unscaled("test")[0][0], series[876:900])  # history from the gap
+    assert split.row_slices()["validation"] == slice(600, 700) and split.row_slices()["test"] == slice(900, 1000)
+    # Same train and test as a 60/30/10 split: only where val ends differs, and a checkpoint must tell them apart.
+    no_gap = build_datasets(series, seq_len=24, horizon=3, train_frac=0.6, val_frac=0.3, test_frac=0.1)
+    assert no_gap.split.test_start == 900 and no_gap.digest() != data.digest()
+    with pytest.raises(ForecastDataError, match="gap_frac"):
+        chronological_split(series, 0.6, 0.1, 0.1, gap_frac=0.3)
 
 
 def test_too_short_a_trace_fails_naming_it():

@@ -132,18 +132,18 @@ def test_diverged_training_stops_in_one_line_and_registers_nothing(tracking_stor
 
 
 def test_calendar_mlp_run_logs_dlinear_reference_quantiles_and_kind_and_resumes(tracking_store, capsys):
-    assert train_predictor.main([*SMALL, "--split", "0.6,0.1,0.2"]) == 0
+    assert train_predictor.main([*SMALL, "--split", "0.6,0.1,0.2,0.1"]) == 0
     (run,) = _runs("FINISHED")
     metrics, client = run.data.metrics, MlflowClient()
     for ch in ("requests", "input_tokens", "output_tokens"):
         assert np.isfinite(metrics[f"baseline_dlinear_test_mae_{ch}"]) and 0 < metrics[f"test_p90_coverage_{ch}"] <= 1
-    assert run.data.tags["model_kind"] == "calendar_mlp" and run.data.params["split"] == "0.6,0.1,0.2"
+    assert run.data.tags["model_kind"] == "calendar_mlp" and run.data.params["split"] == "0.6,0.1,0.2,0.1"
     version = client.get_model_version("workload-predictor", "1")
     assert version.tags["model_kind"] == "calendar_mlp"
     checkpoints = sorted(p.name.split("-")[0] for p in Path("outputs/train_predictor").glob("*.pt"))
     assert checkpoints == ["calendar_mlp", "dlinear"]  # on by default, one per model
     # The same command again resumes the finished checkpoints instead of training from scratch.
-    assert train_predictor.main([*SMALL, "--split", "0.6,0.1,0.2", "--register", "false"]) == 0
+    assert train_predictor.main([*SMALL, "--split", "0.6,0.1,0.2,0.1", "--register", "false"]) == 0
     rerun = max(_runs("FINISHED"), key=lambda r: r.info.start_time)
     config = json.loads(Path(client.download_artifacts(rerun.info.run_id, "training_config.json")).read_text())
     assert config["resumed_from_epoch"] == 3 and rerun.data.metrics["test_mae_requests"] == metrics["test_mae_requests"]

@@ -207,9 +207,14 @@ def _gamma_renewal_times_s(
     return times[times < duration_s]
 
 
-def _response_tokens(rng: np.random.Generator, request_tokens: np.ndarray) -> np.ndarray:
+def response_token_means(request_tokens: np.ndarray) -> np.ndarray:
+    """The generator's mean response tokens for each request length (before rounding, clipping, failures)."""
     anchors_x, anchors_y = _RESPONSE_MEAN_ANCHORS
-    mean = np.interp(np.log10(request_tokens), np.log10(anchors_x), anchors_y)
+    return np.interp(np.log10(request_tokens), np.log10(anchors_x), anchors_y)
+
+
+def _response_tokens(rng: np.random.Generator, request_tokens: np.ndarray) -> np.ndarray:
+    mean = response_token_means(request_tokens)
     shape = 1.5  # response lengths are broad (coefficient of variation ~ 0.8)
     response = np.rint(rng.gamma(shape, mean / shape))
     return np.clip(response, 1, 4096).astype(np.int64)
@@ -234,8 +239,7 @@ def synthetic_expected_load(num_days: int = 61, seed: int = 0, mean_requests_per
     requests = rate + (1 - CONVERSATION_SHARE) * mean_requests_per_minute  # the API log's renewal rate is flat
     support = np.arange(1, MAX_REQUEST_TOKENS + 1, dtype=float)
     weights = support ** -REQUEST_ZIPF_A / np.sum(support ** -REQUEST_ZIPF_A)
-    anchors_x, anchors_y = _RESPONSE_MEAN_ANCHORS
-    response_mean = np.interp(np.log10(support), np.log10(anchors_x), anchors_y)
+    response_mean = response_token_means(support)
     per_request = {"requests": 1.0, "input_tokens": float(weights @ support),
                    "output_tokens": float(weights @ response_mean) * (1 - FAILURE_RATE)}
     return pd.DataFrame({ch: requests * per_request[ch] for ch in CHANNELS},

@@ -89,7 +89,7 @@ def report_markdown(metrics: Mapping[str, float], channels: Sequence[str], trace
     lines = [
         f"# Workload predictor ({model_kind})", "",
         f"Trace: `{trace}`; history {seq_len} min, horizon {horizon} min; chronological split {split} "
-        "(train,val[,test] fractions); scaler fitted on train only.", "",
+        "(train,val[[,gap],test] fractions); scaler fitted on train only.", "",
         f"| channel | {model_kind} test MAE | " + " | ".join(f"{b} MAE" for b in references)
         + " | skill vs persistence |" + (" P90 coverage |" if coverage else ""),
         "|---|---|" + "---|" * len(references) + "---|" + ("---|" if coverage else ""),

@@ -287,13 +287,13 @@ def train_forecaster(
 
 def study_datasets(series: pd.DataFrame, config: ForecastTrainConfig, split: str, moving_average_window: int,
                    trace: str) -> ForecastDatasets:
-    """The windows of a study: `series`' channels split by `split` ("train,val[,test]" fractions), checked to
+    """The windows of a study: `series`' channels split by `split` ("train,val[[,gap],test]" fractions, `parse_split`), checked to
     hold the history the model (and the baselines: a day, `moving_average_window`) read, before any training."""
     if moving_average_window <= 0:
         raise ForecastDataError(f"moving_average_window must be > 0, got {moving_average_window}")
-    train_frac, val_frac, test_frac = parse_split(split)
-    data = build_datasets(series.to_numpy(dtype=float), config.seq_len, config.horizon, config.stride, train_frac,
-                          val_frac, tuple(series.columns), test_frac)
+    fractions = parse_split(split)
+    data = build_datasets(series.to_numpy(dtype=float), config.seq_len, config.horizon, config.stride, fractions.train,
+                          fractions.val, tuple(series.columns), fractions.test, fractions.gap)
     check_history(data, trace, config.context_minutes(), max(MINUTES_PER_DAY, moving_average_window))
     return data
 
@@ -406,7 +406,8 @@ class Forecaster:
         if len(history) < self.context:
             raise ForecastDataError(f"history has {len(history)} rows, needs at least {self.context} (the model's "
                                     f"context: seq_len = {self.config.seq_len}, lag_days = {self.config.lag_days})")
-        window = history[list(self.channels)].to_numpy(dtype=float)[-self.context:]
+        # Column by column on the last rows: a frame selection plus pandas' string index cost more than the model.
+        window = np.column_stack([history[c].to_numpy(dtype=float)[-self.context:] for c in self.channels])
         if not np.isfinite(window).all():
             raise ForecastDataError("history has NaN or infinite values in its last rows")
         model, scaler = self._ready()
@@ -417,12 +418,11 @@ class Forecaster:
         else:
             inputs = scaled[None]
         out = predict(model, inputs, scaler)[0]
-        frame = pd.DataFrame(point_forecast(out[None])[0], columns=list(self.channels),
-                             index=pd.RangeIndex(1, self.horizon + 1, name="step"))
-        if out.ndim == 3:
-            for c, channel in enumerate(self.channels):
-                frame[f"{channel}_p90"] = out[:, c, QUANTILES.index(0.9)]
-        return frame
+        columns, values = list(self.channels), point_forecast(out[None])[0]
+        if out.ndim == 3:  # one frame built at once: inserting the P90 columns one by one doubled the call
+            columns += [f"{channel}_p90" for channel in self.channels]
+            values = np.hstack([values, out[:, :, QUANTILES.index(0.9)]])
+        return pd.DataFrame(values, columns=columns, index=pd.RangeIndex(1, self.horizon + 1, name="step"))
 
     def save(self, directory: str | Path) -> Path:
         """Write the weights (torch.save) and the metadata (JSON) into directory; returns it."""

@@ -33,8 +33,10 @@ def _as_2d(series: np.ndarray, name: str = "series") -> np.ndarray:
 # ------------------------------------------------------------------------------------------ split
 @dataclass
 class ChronoSplit:
-    """A series cut in time order: train = full[:val_start], val = full[val_start:test_start],
-    test = full[test_start:]."""
+    """A series cut in time order: train = full[:val_start], val = full[val_start:val_end],
+    test = full[test_start:]. Minutes in [val_end, test_start) are a gap: no window is scored there,
+    but test windows read their history from it (another tool's 60/10/20/10 split gives its 20 % to a
+    different learner and tests on the last 10 %)."""
 
     train: np.ndarray
     val: np.ndarray
@@ -42,33 +44,60 @@ class ChronoSplit:
     val_start: int
     test_start: int
     full: np.ndarray
+    val_end: int = -1  # -1: no gap, val ends where test starts
+
+    def __post_init__(self) -> None:
+        if self.val_end < 0:
+            self.val_end = self.test_start
 
     def row_slices(self) -> dict[str, slice]:
-        """The parts as row slices of `full`, by MLflow dataset context."""
-        return {"training": slice(0, self.val_start), "validation": slice(self.val_start, self.test_start),
+        """The parts as row slices of `full`, by MLflow dataset context (the gap is in none)."""
+        return {"training": slice(0, self.val_start), "validation": slice(self.val_start, self.val_end),
                 "test": slice(self.test_start, len(self.full))}
 
 
-def parse_split(text: str) -> tuple[float, float, float | None]:
-    """`"0.6,0.1"` -> (train, val, None): the rest is test; `"0.6,0.1,0.2"` -> test is the 20 % after
-    validation and the last minutes are left out (another tool's 60/10/20/10 split)."""
+SPLIT_FORMS = ("'train,val' (the rest is test), 'train,val,test' (the minutes after test are left out) or "
+               "'train,val,gap,test' (gap: minutes between val and test that only serve as history)")
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    """Fractions of the series, in time order: train, val, an unscored gap, test (None: the rest)."""
+
+    train: float
+    val: float
+    gap: float = 0.0
+    test: float | None = None
+
+
+def parse_split(text: str) -> SplitFractions:
+    """`"0.6,0.1"` -> train 60 %, val 10 %, test the rest; `"0.6,0.1,0.2"` -> test the 20 % right after
+    val, the last minutes left out; `"0.6,0.1,0.2,0.1"` -> SmartLLMServe's 60/10/20/10 split: the 20 %
+    after val is a gap (its RL part) and test is the last 10 %."""
     try:
         fractions = [float(part) for part in str(text).split(",")]
     except ValueError:
-        raise ForecastDataError(f"split must be 'train,val' or 'train,val,test' fractions, got {text!r}") from None
-    if len(fractions) not in (2, 3):
-        raise ForecastDataError(f"split must be 'train,val' or 'train,val,test' fractions, got {text!r}")
-    return fractions[0], fractions[1], fractions[2] if len(fractions) == 3 else None
+        raise ForecastDataError(f"split must be {SPLIT_FORMS} fractions, got {text!r}") from None
+    if len(fractions) == 2:
+        return SplitFractions(fractions[0], fractions[1])
+    if len(fractions) == 3:
+        return SplitFractions(fractions[0], fractions[1], 0.0, fractions[2])
+    if len(fractions) == 4:
+        if fractions[2] < 0:
+            raise ForecastDataError(f"split's gap fraction must be >= 0, got {fractions[2]} in {text!r}")
+        return SplitFractions(*fractions)
+    raise ForecastDataError(f"split must be {SPLIT_FORMS} fractions, got {text!r}")
 
 
 def chronological_split(
-    series: np.ndarray, train_frac: float = 0.7, val_frac: float = 0.1, test_frac: float | None = None
+    series: np.ndarray, train_frac: float = 0.7, val_frac: float = 0.1, test_frac: float | None = None,
+    gap_frac: float = 0.0,
 ) -> ChronoSplit:
-    """Split (T, C) minutes into train / val / test by time (no shuffling: the future stays unseen).
+    """Split (T, C) minutes into train / val / (gap) / test by time (no shuffling: the future stays unseen).
 
-    In: the series, the fractions of train and val; test gets `test_frac` after them (None: the rest;
-    the minutes after the test part are then left out). Out: a ChronoSplit whose parts are views of
-    `series` (`full` ends with the test part).
+    In: the series, the fractions of train and val; an unscored gap of `gap_frac` after val; test gets
+    `test_frac` after the gap (None: the rest; otherwise the minutes after the test part are left out).
+    Out: a ChronoSplit whose parts are views of `series` (`full` ends with the test part).
     """
     series = _as_2d(series)
     if not 0 < train_frac < 1:
@@ -77,22 +106,29 @@ def chronological_split(
         raise ForecastDataError(
             f"val_frac must be in (0, 1 - train_frac = {1 - train_frac:g}), got {val_frac}"
         )
-    if test_frac is not None and not (0 < test_frac and train_frac + val_frac + test_frac <= 1 + 1e-9):
-        raise ForecastDataError(f"test_frac must be in (0, 1 - train_frac - val_frac = {1 - train_frac - val_frac:g}], "
+    if not 0 <= gap_frac < 1 - train_frac - val_frac:
+        raise ForecastDataError(f"gap_frac must be in [0, 1 - train_frac - val_frac = {1 - train_frac - val_frac:g}), "
+                                f"got {gap_frac}")
+    room = 1 - train_frac - val_frac - gap_frac
+    if test_frac is not None and not (0 < test_frac <= room + 1e-9):
+        raise ForecastDataError(f"test_frac must be in (0, 1 - train_frac - val_frac - gap_frac = {room:g}], "
                                 f"got {test_frac}")
     num_minutes = len(series)
-    # Rounded, so 0.7 + 0.1 of 1000 minutes is 700 / 800, not 700 / 799 from float error.
+    # Cumulative fractions, rounded, so 0.7 + 0.1 of 1000 minutes is 700 / 800, not 700 / 799 from
+    # float error, and 0.6/0.1/0.2/0.1 of 87,840 minutes puts test at minute 79,056 as int(0.9 T) does.
     val_start = int(round(num_minutes * train_frac))
-    test_start = val_start + int(round(num_minutes * val_frac))
-    end = num_minutes if test_frac is None else min(num_minutes, test_start + int(round(num_minutes * test_frac)))
-    if val_start == 0 or test_start == val_start or test_start == end:
+    val_end = int(round(num_minutes * (train_frac + val_frac)))
+    test_start = int(round(num_minutes * (train_frac + val_frac + gap_frac)))
+    end = num_minutes if test_frac is None else min(
+        num_minutes, int(round(num_minutes * (train_frac + val_frac + gap_frac + test_frac))))
+    if val_start == 0 or val_end == val_start or test_start >= end:
         raise ForecastDataError(
-            f"series of {num_minutes} minutes is too short to split {train_frac}/{val_frac}"
+            f"series of {num_minutes} minutes is too short to split {train_frac}/{val_frac}/{gap_frac}/{test_frac}"
         )
     series = series[:end]
     return ChronoSplit(
-        train=series[:val_start], val=series[val_start:test_start], test=series[test_start:],
-        val_start=val_start, test_start=test_start, full=series,
+        train=series[:val_start], val=series[val_start:val_end], test=series[test_start:],
+        val_start=val_start, test_start=test_start, full=series, val_end=val_end,
     )
 
 
@@ -217,6 +253,8 @@ class ForecastDatasets:
         full = np.ascontiguousarray(self.split.full, dtype=np.float64)
         key = [full.tobytes(), str((full.shape, self.split.val_start, self.split.test_start, self.seq_len,
                                     self.horizon, len(self.t0_train), self.channels)).encode()]
+        if self.split.val_end != self.split.test_start:  # a gap; without one the digest stays as it was
+            key.append(f"val_end={self.split.val_end}".encode())
         return hashlib.sha256(b"".join(key)).hexdigest()[:16]
 
     def unscaled(self, part: str) -> tuple[np.ndarray, np.ndarray]:
@@ -236,14 +274,16 @@ def build_datasets(
     val_frac: float = 0.1,
     channels: Sequence[str] | None = None,
     test_frac: float | None = None,
+    gap_frac: float = 0.0,
 ) -> ForecastDatasets:
     """Split, fit the scaler on the train part only, scale the whole series with it, and window.
 
     In: a (T, C) series in original units; window sizes in minutes; split fractions; optional
     channel names (default ch0..). Out: ForecastDatasets. Train targets lie in train, val targets
-    in val (history may come from train), test targets in test (`test_frac`: see chronological_split).
+    in val (history may come from train), test targets in test (history may come from the gap;
+    `test_frac`, `gap_frac`: see chronological_split).
     """
-    split = chronological_split(series, train_frac, val_frac, test_frac)
+    split = chronological_split(series, train_frac, val_frac, test_frac, gap_frac)
     num_channels = split.full.shape[1]
     channels = tuple(channels) if channels is not None else tuple(f"ch{i}" for i in range(num_channels))
     if len(channels) != num_channels:
@@ -253,7 +293,7 @@ def build_datasets(
     scaler = StandardScaler().fit(split.train)
     scaled = scaler.transform(split.full).astype(np.float32)
     X_train, Y_train, t0_train = make_windows(scaled, seq_len, horizon, stride, 0, split.val_start)
-    X_val, Y_val, t0_val = make_windows(scaled, seq_len, horizon, 1, split.val_start, split.test_start)
+    X_val, Y_val, t0_val = make_windows(scaled, seq_len, horizon, 1, split.val_start, split.val_end)
     X_test, Y_test, t0_test = make_windows(scaled, seq_len, horizon, 1, split.test_start)
     return ForecastDatasets(
         split=split, scaler=scaler, seq_len=seq_len, horizon=horizon, channels=channels,
