@@ -39,8 +39,11 @@ moe_num_experts, moe_top_k, max_sequence_length, rope_theta, layer_norm_eps, vit
 into the list of the ViT blocks' outputs), image_pooling_h/w (2), image_pooling_2d ("attention-meanq": the
 window mean is the query), image_projector ("mlp"), and vision_backbone.image_default_input_size (336),
 image_patch_size (14), image_emb_dim, image_num_heads, image_head_dim, image_mlp_dim,
-image_mlp_activations ("quick_gelu"), image_num_layers, image_norm_eps. Sizes the config leaves implicit
-(expert width, projector width, vocabulary rows, ViT depth) come from the tensor shapes.
+image_mlp_activations ("quick_gelu"), image_num_layers, image_norm_eps. Checked to be MolmoE's: model_type
+"molmo", moe_num_experts > 0 (a dense Molmo is refused), layer_norm_type "rms", attention_layer_norm (q/k
+norms), no weight tying, no norm_after, no clip_qkv, half-split RoPE, no shared expert, no CLS feature.
+Sizes the config leaves implicit (expert width, projector width, vocabulary rows) come from the tensor
+shapes, each then checked against every other tensor's.
 
 Preprocessing of the release (its `preprocessor_config.json` and `preprocessing_molmo.py`): CLIP mean
 (0.48145466, 0.4578275, 0.40821073) and std (0.26862954, 0.26130258, 0.27577711), 336-px crops of 14-px
@@ -172,7 +175,7 @@ def read_release_config(directory: Path) -> ReleaseConfig:
     num_experts = _field(cfg, "moe_num_experts", src, int, default=0)
     if not num_experts:
         raise CheckpointError(f"{src}: field moe_num_experts is {num_experts!r}: a dense Molmo, not MolmoE")
-    _field(cfg, "block_type", src, str, default="moe", expected="moe")
+    _field(cfg, "layer_norm_type", src, str, default="rms", expected="rms")  # OLMoE's RMSNorm
     _field(cfg, "attention_layer_norm", src, bool, default=True, expected=True)  # OLMoE's q/k norms
     _field(cfg, "weight_tying", src, bool, default=False, expected=False)
     _field(cfg, "norm_after", src, bool, default=False, expected=False)
@@ -610,7 +613,7 @@ def load_molmoe_checkpoint(directory: str | Path, device: str | torch.device | N
 def release_config_dict(dims: MolmoeArchDims, num_kv_heads: int | None = None) -> dict[str, Any]:
     """A `config.json` in the release's layout describing `dims` (for synthetic checkpoints)."""
     return {
-        "model_type": RELEASE_MODEL_TYPE, "architectures": ["MolmoForCausalLM"], "block_type": "moe",
+        "model_type": RELEASE_MODEL_TYPE, "architectures": ["MolmoForCausalLM"], "layer_norm_type": "rms",
         "d_model": dims.d_model, "n_heads": dims.num_heads, "n_kv_heads": num_kv_heads or dims.num_heads,
         "n_layers": dims.num_blocks, "moe_num_experts": dims.num_experts, "moe_top_k": dims.top_k,
         "mlp_hidden_size": 2 * dims.expert_intermediate, "vocab_size": dims.text_vocab,
