@@ -175,8 +175,10 @@ def test_a_release_ff_out_without_extra_rows_never_emits_an_extra_token(tmp_path
         (None, lambda c: c.update(moe_num_experts=0), ["moe_num_experts", "dense"]),
         (None, lambda c: c.update(n_layers=28), ["n_layers"]),
         (None, lambda c: c["vision_backbone"].update(image_mlp_activations="gelu"), ["image_mlp_activations"]),
+        (None, lambda c: c.update(rope_theta=500000.0), ["rope_theta", "500000"]),
     ],
-    ids=["wrong-shape", "missing-tensor", "unknown-tensor", "other-model-type", "dense-molmo", "other-depth", "other-vit"],
+    ids=["wrong-shape", "missing-tensor", "unknown-tensor", "other-model-type", "dense-molmo", "other-depth", "other-vit",
+         "other-rope"],
 )
 def test_another_architecture_is_refused_in_one_line(tmp_path: Path, exported, source, edit_tensors, edit_config,
                                                      names: list[str]) -> None:

@@ -502,6 +502,11 @@ def plan_checkpoint(directory: str | Path) -> CheckpointPlan:
         )
     except TypeError as exc:  # pragma: no cover - a dims field renamed in molmoe_arch
         raise CheckpointError(f"molmoe_arch dims changed: {exc}") from None
+    # molmoe_arch builds OLMoE's and CLIP's defaults for these; a release with others is another model.
+    for name, value, built in (("rope_theta", config.rope_theta, 10000.0), ("layer_norm_eps", config.norm_eps, 1e-5),
+                               ("vision_backbone.image_norm_eps", config.vit_norm_eps, 1e-5)):
+        if not math.isclose(value, built, rel_tol=1e-9):
+            raise CheckpointError(f"{directory / 'config.json'}: field {name} is {value}; molmoe_arch builds {built}")
     space = MolmoeArchBackend.space
     if dims.num_blocks != space.num_blocks:
         raise CheckpointError(f"{directory / 'config.json'}: field n_layers is {dims.num_blocks}; the knob space needs {space.num_blocks}")
