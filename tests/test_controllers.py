@@ -16,6 +16,7 @@ from core.control.decision import (
     calibrate_factor,
     choose,
     choose_tier_then_prior,
+    choose_two_stage,
     config_grid,
     fit_output_length,
     joint_log_prob,
@@ -198,6 +199,13 @@ def test_the_single_request_rule_and_length_are_the_batch_ones():
     assert (~fits).any() and fits.any()
     for i in range(40):
         one, one_fits = choose(score[i:i + 1], upper[i:i + 1], budget[i:i + 1])
+        assert (one[0], one_fits[0]) == (index[i], fits[i])
+    tier_lp, top_k_lp, blocks_lp = rng.normal(size=(40, 3)), rng.normal(size=(40, 3, 5)), rng.normal(size=(40, 3, 5))
+    index, fits = choose_two_stage(tier_lp, top_k_lp, blocks_lp, upper, budget)
+    assert (~fits).any() and fits.any()
+    for i in range(40):
+        one, one_fits = choose_two_stage(tier_lp[i:i + 1], top_k_lp[i:i + 1], blocks_lp[i:i + 1], upper[i:i + 1],
+                                         budget[i:i + 1])
         assert (one[0], one_fits[0]) == (index[i], fits[i])
     model = fit_output_length(rng.normal(size=(30, 6)), rng.integers(1, 12, size=30))
     question = rng.normal(size=(25, 6)) * 3

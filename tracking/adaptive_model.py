@@ -50,7 +50,7 @@ class AdaptiveVLMPyfunc(mlflow.pyfunc.PythonModel):
     def _build(self, base_vlm_dir: str, controller_dir: str, estimator_file: str) -> None:
         from core.adaptive.calibration import OnlineCalibration
         from core.adaptive.guardrail import Guardrail
-        from core.adaptive.inference import AdaptiveInference
+        from core.adaptive.inference import AdaptiveInference, freeze_heap
         from core.control.decision import LearnedController
         from core.latency.estimator import LatencyEstimator
         from core.vlm.base_vlm import BaseVLMBackend
@@ -59,6 +59,7 @@ class AdaptiveVLMPyfunc(mlflow.pyfunc.PythonModel):
         controller = LearnedController.load(controller_dir)
         guardrail = Guardrail(LatencyEstimator.load(estimator_file), controller.options, controller.prior_accuracy)
         self.session = AdaptiveInference(backend, controller, guardrail, OnlineCalibration(controller.latency_factor))
+        freeze_heap()  # the loaded models stay out of every garbage collection a request meets
 
     def _sample(self, i: int, row: pd.Series):
         from core.vqa.sample import VQASample

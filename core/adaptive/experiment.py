@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from core.adaptive.calibration import OnlineCalibration
 from core.adaptive.contention import CPULoad
 from core.adaptive.guardrail import Guardrail
-from core.adaptive.inference import AdaptiveInference, answer_static
+from core.adaptive.inference import AdaptiveInference, answer_static, freeze_heap
 from core.control.budgets import budget_percent, check_fractions, full_latency_ms
 from core.control.decision import LearnedController
 from core.control.evaluation import MeasuredSetup, controller_decisions, measured_setup, suite_features
@@ -190,6 +190,7 @@ def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estim
                    progress: bool = True) -> tuple[pd.DataFrame, float]:
     """(one row per answered request, L_full ms). `lookup` is the lookup yardstick's table (`lookup_configs`);
     `on_load("start"|"stop", pids)` hears about the background load."""
+    freeze_heap()  # the models and libraries stay out of every garbage collection a request meets
     l_full = measure_l_full(backend, warmup)
     budgets = [(0.0, settings.budget_ms)] if settings.budget_ms > 0 else [(f, f * l_full) for f in settings.fractions]
     rows: list[dict] = []

@@ -90,7 +90,8 @@ def knob_distribution(rows: pd.DataFrame) -> pd.DataFrame:
 def headline(metrics: dict[str, float]) -> str:
     """The run's summary: accuracy / adherence per budget (the static full config's beside), the
     overhead, and the contention ablation's adherence during the load."""
-    percents = sorted({k.rsplit("_at_", 1)[1] for k in metrics if k.startswith("adaptive_accuracy_at_")})
+    percents = sorted({k.rsplit("_at_", 1)[1] for k in metrics if k.startswith("adaptive_accuracy_at_")},
+                      key=lambda p: (not p.isdigit(), int(p) if p.isdigit() else 0))  # 60 before 100; "fixed" last
     parts = [f"{p}%: acc {metrics[f'adaptive_accuracy_at_{p}']:.3f} adh {metrics[f'adaptive_adherence_at_{p}']:.3f}"
              + (f" (full {metrics[f'static_full_accuracy_at_{p}']:.3f}/{metrics[f'static_full_adherence_at_{p}']:.3f})"
                 if f"static_full_accuracy_at_{p}" in metrics else "") for p in percents]
