@@ -21,7 +21,8 @@ from core.control.decision import (
     fit_output_length,
     joint_log_prob,
 )
-from core.control.policies import ControllerConfig, ControllerNet, TierControllerNet, knob_options
+from core.control.policies import (ControllerConfig, ControllerNet, StackedNumpyForward, TierControllerNet, knob_options,
+                                   stage2_config)
 from core.control.supervised import (ControllerArrays, Rule, TrainingConfig, best_configs, label_accuracy,
                                      train_controller)
 from core.knobs import BASE_VLM_SPACE, KNOBS, TIERS
@@ -189,6 +190,27 @@ def test_the_numpy_forward_of_small_batches_is_the_torch_forward():
             one = net.forward_numpy(fraction.numpy()[i:i + 1], features.numpy()[i:i + 1])
             for knob, logits in one.items():
                 np.testing.assert_allclose(logits[0], expected[knob].numpy()[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_global_view", [True, False])
+def test_stage_1_and_2_stacked_in_one_numpy_chain_give_each_nets_own_logits(use_global_view):
+    first = TierControllerNet(ControllerConfig(question_dim=4, global_view_dim=3, use_global_view=use_global_view,
+                                               options=OPTIONS)).eval()
+    second = ControllerNet(stage2_config(first.config, hidden_width=48)).eval()  # another width: block-diagonal
+    for net in (first, second):
+        net.fit_scalers(torch.randn(40, net.feature_mean.numel()) * 2 + 1)
+    stacked = StackedNumpyForward([first, second])
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        fraction, q, gv = rng.uniform(0.3, 1.2, size=1), rng.normal(size=(1, 4)), rng.normal(size=(1, 3))
+        got = stacked(fraction, q, gv)
+        for net, out in zip((first, second), got):
+            features = np.hstack([q, gv]) if net.uses_global_view else q
+            for knob, logits in net.forward_numpy(fraction, features).items():
+                np.testing.assert_allclose(out[knob], logits, rtol=1e-4, atol=1e-5)
+    assert stacked.current()
+    second.load_state_dict(second.state_dict())  # new weights: the stack is stale
+    assert not stacked.current()
 
 
 def test_the_single_request_rule_and_length_are_the_batch_ones():

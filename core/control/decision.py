@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.control.policies import ControllerConfig, ControllerNet, build_net
+from core.control.policies import ControllerConfig, ControllerNet, StackedNumpyForward, build_net
 from core.control.risk import FitModel, ViolationPrices, priced_choice
 from core.knobs import KNOBS, TIERS
 from core.latency.estimator import LatencyEstimator
@@ -391,6 +391,15 @@ class LearnedController:
         a tier for stage 2, so a head's normaliser shifts every candidate alike and the pick is the same
         (the request path skips it: a few numpy calls fewer)."""
         fraction = np.asarray(budget_ms, dtype=np.float32) / self.l_full_ms
+        if self.stage2 is not None and len(question) == 1:  # one request: both nets in one chain of calls
+            stacked = self.__dict__.get("_stacked")
+            if stacked is None or not stacked.current():
+                for net in (self.net, self.stage2):
+                    if net.training:
+                        net.eval()
+                stacked = self.__dict__["_stacked"] = StackedNumpyForward([self.net, self.stage2])
+            first, second = stacked(fraction, question, gv)
+            return {**_log_probs_from_logits(self.net, first, normalise), **_log_probs_from_logits(self.stage2, second, normalise)}
         out = _net_log_probs(self.net, question, gv, fraction, normalise)
         if self.stage2 is not None:
             out.update(_net_log_probs(self.stage2, question, gv, fraction, normalise))
@@ -515,8 +524,14 @@ def _net_log_probs(net: ControllerNet, question: np.ndarray, gv: np.ndarray | No
         logits = net.forward_numpy(fraction, np.hstack([question, gv]) if net.uses_global_view else question)
     else:
         logits = {k: v.numpy() for k, v in net(torch.as_tensor(fraction), net.inputs(question, gv)).items()}
+    return _log_probs_from_logits(net, logits, normalise)
+
+
+def _log_probs_from_logits(net: ControllerNet, logits: dict[str, np.ndarray], normalise: bool) -> dict[str, np.ndarray]:
+    """A net's head outputs as the rule reads them: per-tier heads as (N, tiers, options); log-probs, or
+    with `normalise=False` the float32 logits (the rule only ranks sums of them)."""
     if net.config.per_tier:
         logits = {k: v.reshape(len(v), len(TIERS), -1) for k, v in logits.items()}
-    if not normalise:  # float32 logits: the rule only ranks sums of them
+    if not normalise:
         return logits
     return {k: (v - np.logaddexp.reduce(v, axis=-1, keepdims=True)).astype(np.float64) for k, v in logits.items()}

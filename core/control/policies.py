@@ -8,6 +8,7 @@
   TierControllerNet      the stage-1 net of the two-stage controller: the same inputs, the tier head alone
   stage-2 net            a ControllerNet with per-tier top_k and blocks heads (`per_tier`): one set of
                          logits per tier, the one of the tier stage 1 picked applies
+  StackedNumpyForward    stage 1 and stage 2 side by side in one chain of numpy calls (one request)
 
 The inputs are what is known before the tiles are encoded: the question's pooled token embeddings
 (`q_emb_*`) and the pooled global view (`gv_*`, which every tier encodes anyway). The feature scalers
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.linalg import block_diag
 from scipy.special import expit
 from torch import nn
 
@@ -204,6 +207,61 @@ class TierControllerNet(ControllerNet):
 
 
 STAGE2_HEADS: tuple[str, ...] = ("top_k", "num_active_blocks")
+
+
+class StackedNumpyForward:
+    """Several nets' eval forwards (`ControllerNet.forward_numpy`) on one request as one chain of numpy
+    calls: the first layers' columns side by side over [question, global view] (a net without the
+    global view reads zeros there), later layers block-diagonal. On the live path each numpy call costs
+    microseconds, so a two-net controller (stage 1 + stage 2) pays one net's count of calls, not two."""
+
+    def __init__(self, nets: Sequence[ControllerNet]) -> None:
+        self.nets = list(nets)
+        self.weights = [n.__dict__.get("_numpy_weights") or n.refresh_numpy() for n in self.nets]
+        depths = {len(w["trunk"]) for w in self.weights}
+        if len(depths) != 1:
+            raise ValueError(f"stacked forward: the nets' trunks differ in depth ({sorted(depths)})")
+        gv_dims = {n.config.global_view_dim for n in self.nets if n.uses_global_view}
+        self.global_view_dim = max(gv_dims) if gv_dims else 0
+        columns = []
+        for net, w in zip(self.nets, self.weights):
+            x_weight = w["first"][0]
+            if self.global_view_dim and not net.uses_global_view:
+                x_weight = np.vstack([x_weight, np.zeros((self.global_view_dim, x_weight.shape[1]), np.float32)])
+            columns.append(x_weight)
+        self.x_weight = np.ascontiguousarray(np.hstack(columns))
+        self.trunk = [(block_diag(*[w["trunk"][i][0] for w in self.weights]).astype(np.float32),
+                       np.concatenate([w["trunk"][i][1] for w in self.weights]))
+                      for i in range(depths.pop())]
+        self.heads = (block_diag(*[w["heads"][0] for w in self.weights]).astype(np.float32),
+                      np.concatenate([w["heads"][1] for w in self.weights]))
+        offsets = np.cumsum([0] + [w["heads"][0].shape[1] for w in self.weights])
+        self.slices = [{k: (int(o + a), int(o + b)) for k, (a, b) in w["head_slices"].items()}
+                       for o, w in zip(offsets, self.weights)]
+        self._budget_terms: dict[bytes, np.ndarray] = {}
+
+    def current(self) -> bool:
+        """False once a net's numpy weights were refreshed (new weights loaded): build a new stack."""
+        return all(n.__dict__.get("_numpy_weights") is w for n, w in zip(self.nets, self.weights))
+
+    def __call__(self, fraction: np.ndarray, question: np.ndarray, global_view: np.ndarray | None) -> list[dict[str, np.ndarray]]:
+        """One request: (1,) fraction, (1, q) question and (1, g) global-view features -> each net's logits."""
+        f = np.asarray(fraction, dtype=np.float32).reshape(-1, 1)
+        key = f.tobytes()
+        budget_term = self._budget_terms.get(key)
+        if budget_term is None:
+            if len(self._budget_terms) >= _BUDGET_TERM_CACHE:
+                self._budget_terms.clear()
+            budget_term = self._budget_terms[key] = np.concatenate(
+                [ControllerNet._budget_term(f, w) for w in self.weights], axis=1)
+        features = np.hstack([question, global_view]) if self.global_view_dim else question
+        hidden = np.asarray(features, dtype=np.float32) @ self.x_weight + budget_term
+        hidden *= expit(hidden)
+        for w, b in self.trunk:
+            hidden = hidden @ w + b
+            hidden *= expit(hidden)
+        logits = hidden @ self.heads[0] + self.heads[1]
+        return [{k: logits[:, a:b] for k, (a, b) in part.items()} for part in self.slices]
 
 
 def stage2_config(stage1: ControllerConfig, hidden_width: int | None = None) -> ControllerConfig:
