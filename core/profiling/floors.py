@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import statistics
 
+import pandas as pd
 import torch
+
+from core.knobs import KNOBS
 
 
 def decode_bytes_per_token(config: object, top_k: int, num_blocks: int, context_len: int, itemsize: int = 2) -> int:
@@ -50,4 +53,26 @@ def floor_ms(n_bytes: float, bandwidth_gbs: float) -> float:
     return float(n_bytes) / bandwidth_gbs / 1e6
 
 
-__all__ = ["copy_bandwidth_gbs", "decode_bytes_per_token", "floor_ms"]
+def decode_floor_ms(df: pd.DataFrame, config: object, bandwidth_gbs: float, itemsize: int = 2) -> pd.Series:
+    """Per profiling row: the bandwidth floor of one decode step (ms) at the row's top_k and block count,
+    with the K/V of the mean context its decode steps attend over (prompt + output_tokens / 2 slots)."""
+    context = df["vision_tokens"] + df["text_tokens"] + df["output_tokens"] / 2
+    n_bytes = [decode_bytes_per_token(config, int(k), int(b), int(round(c)), itemsize)
+               for k, b, c in zip(df["top_k"], df["num_active_blocks"], context)]
+    return pd.Series([floor_ms(n, bandwidth_gbs) for n in n_bytes], index=df.index, name="floor_ms")
+
+
+def realised_vs_theory(df: pd.DataFrame, floor: pd.Series, knob: str, high: object, low: object) -> dict[str, float]:
+    """Decode-per-token saving of stepping `knob` from `high` to `low`, the other knobs, sample and run
+    held fixed: median measured saving, median saving of the bandwidth floor, and their ratio."""
+    others = [k for k in KNOBS if k != knob]
+    frame = df.assign(floor_ms=floor)
+    wide = frame.pivot_table(index=["sample_id", "run_index", *others], columns=knob,
+                             values=["T_decode_per_token_ms", "floor_ms"], aggfunc="median")
+    realised = (wide[("T_decode_per_token_ms", high)] - wide[("T_decode_per_token_ms", low)]).dropna()
+    theory = (wide[("floor_ms", high)] - wide[("floor_ms", low)]).loc[realised.index]
+    return {"realised_ms": float(realised.median()), "theory_ms": float(theory.median()),
+            "realised_share": float(realised.median() / theory.median()), "pairs": int(len(realised))}
+
+
+__all__ = ["copy_bandwidth_gbs", "decode_bytes_per_token", "decode_floor_ms", "floor_ms", "realised_vs_theory"]
