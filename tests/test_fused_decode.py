@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -110,3 +111,25 @@ def test_fused_kernels_compute_transformers_olmoe_step_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_realised_vs_theory_compares_paired_savings_with_the_floor():
+    from types import SimpleNamespace
+
+    from core.profiling.floors import decode_floor_ms, realised_vs_theory
+
+    cfg = SimpleNamespace(hidden_size=2048, num_experts=64, intermediate_size=1024, num_attention_heads=16,
+                          num_key_value_heads=16, vocab_size=50408)
+    rows = [{"sample_id": f"s{s}", "run_index": r, "tier": t, "top_k": k, "num_active_blocks": b,
+             "vision_tokens": v, "text_tokens": 16, "output_tokens": 8}
+            for s in range(2) for r in range(2) for t, v in (("low", 288), ("high", 1872)) for k in (4, 8) for b in (8, 16)]
+    df = pd.DataFrame(rows)
+    floor = decode_floor_ms(df, cfg, 3000.0)
+    assert floor.iloc[0] == pytest.approx(floor_ms(decode_bytes_per_token(cfg, 4, 8, 288 + 16 + 4), 3000.0))
+    # an engine at its floor realises every saving; one with a fixed cost per block saves more on blocks
+    at_floor = realised_vs_theory(df.assign(T_decode_per_token_ms=floor), floor, "top_k", 8, 4)
+    assert at_floor["realised_share"] == pytest.approx(1.0) and at_floor["pairs"] == 16  # 2 samples x 2 runs x 2 tiers x 2 block counts
+    slow = df.assign(T_decode_per_token_ms=floor + 0.05 * df["num_active_blocks"])
+    assert realised_vs_theory(slow, floor, "top_k", 8, 4)["realised_share"] == pytest.approx(1.0)
+    blocks = realised_vs_theory(slow, floor, "num_active_blocks", 16, 8)
+    assert blocks["realised_ms"] == pytest.approx(blocks["theory_ms"] + 0.4)
