@@ -140,7 +140,9 @@ def main() -> None:
                 if ours != ref:
                     case.update({"engine": ours, "eager": ref, **eager_gap(eager, probe, c, ref, ours)})
                 cases.append(case)
-        report["tokens_match_eager"] = {f"{c['config']}/{c['sample']}": c["equal"] for c in cases}
+        # keyed by config for the one timed sample (as the timing sections), by config/sample otherwise
+        report["tokens_match_eager"] = {(f"{c['config']}/{c['sample']}" if args.compare_samples else c["config"]): c["equal"]
+                                        for c in cases}
         report["token_mismatches"] = [c for c in cases if not c["equal"]]
         print(f"{args.engine} tokens equal eager tokens: {sum(c['equal'] for c in cases)}/{len(cases)}; "
               f"mismatches: {report['token_mismatches']}", flush=True)
