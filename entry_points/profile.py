@@ -53,7 +53,7 @@ class Params:
     num_threads: int = 2  # torch CPU threads
     timing_repeats: int = _D.timing_repeats  # answers per row; the row holds their per-component medians
     drift_reference: bool = _D.drift_reference  # rescale each repeat by a reference request timed just before it (noisy CPUs)
-    engine: str = "eager"  # molmoe_arch: eager | graph (StaticCache + CUDA-graph replay)
+    engine: str = "eager"  # molmoe_arch: eager | graph (StaticCache + CUDA-graph replay) | fused (graph + Triton decode, tiling on the GPU)
     model_path: str = ""  # molmoe_arch: a local MolmoE-1B release directory (config.json, *.safetensors, tokenizer.json): real weights, scored answers
     data_root: str = ""  # a directory holding the real benchmarks in their published layouts; '' = the synthetic suite
 
