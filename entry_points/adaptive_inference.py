@@ -11,18 +11,17 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import mlflow
-import pandas as pd
 import torch
 
-from core.adaptive import plots, report
-from core.adaptive.experiment import (REQUEST_SOURCES, CalibrationSettings, ExperimentSettings, HeldoutRequests,
-                                     heldout_requests, lookup_configs, replay_decisions, request_stream, run_experiment)
+from core.adaptive import report
+from core.adaptive.experiment import (CalibrationSettings, ExperimentSettings, RequestPlan, plan_requests, replay_report,
+                                     run_experiment)
 from core.control.decision import describe_rule
 from core.profiling.store import ProfileStore
-from core.vqa.sample import VQASample, samples_frame
+from core.vqa.sample import samples_frame
 from core.vqa.suite import DATASETS, SPLITS
-from tracking.adaptive_model import ResolvedModels, log_served_model, resolve_models
-from tracking.artifacts import log_csv, log_dataset_input, log_figure, log_json
+from tracking.adaptive_model import ResolvedModels, log_run_results, log_served_model, resolve_models
+from tracking.artifacts import log_dataset_input
 from tracking.cli import ParameterError, comma_list, number_list
 from tracking.controller_models import MODEL_NAME as CONTROLLER_MODEL
 from tracking.entry_point import EntryPoint
@@ -64,11 +63,8 @@ class Params:
 @dataclass
 class Prepared:
     models: ResolvedModels
-    requests: list[VQASample]
-    warmup: list[VQASample]
+    plan: RequestPlan
     settings: ExperimentSettings
-    lookup: pd.DataFrame | None
-    heldout: HeldoutRequests | None  # request_source=heldout: the table's split, for the replay
 
 
 def check(params: Params) -> None:
@@ -77,11 +73,6 @@ def check(params: Params) -> None:
     if params.num_threads < 1:
         raise ParameterError(f"parameter num_threads must be >= 1, got {params.num_threads}")
     comma_list(params.dataset, "dataset", DATASETS)
-    if params.request_source not in REQUEST_SOURCES:
-        raise ParameterError(f"parameter request_source must be one of {list(REQUEST_SOURCES)}, got {params.request_source!r}")
-    if params.request_source == "heldout" and params.split != "test":
-        raise ParameterError(f"parameter split={params.split!r}: request_source=heldout answers the measured table's "
-                             "held-out samples, which are test samples (use request_source=split)")
 
 
 def prepare(params: Params) -> Prepared:
@@ -91,57 +82,38 @@ def prepare(params: Params) -> Prepared:
         CalibrationSettings(params.calibration_window, params.calibration_quantile, params.calibration_method),
         params.compare, params.contention, params.contention_fraction, params.contention_workers,
         params.contention_duty)
-    datasets = comma_list(params.dataset, "dataset", DATASETS)
     models = resolve_models(params.model_path, params.controller_path, params.estimator, params.importance, params.device)
     table = ProfileStore(params.measured_table).load() if params.compare or params.request_source == "heldout" else None
-    heldout = None
-    if params.request_source == "heldout":
-        heldout = heldout_requests(table, params.measured_table, models.backend.space, params.calibration_seed, datasets,
-                                   params.num_samples, params.warmup, params.seed, settings.fractions)
-        requests, warmup = heldout.requests, heldout.warmup
-    else:
-        requests, warmup = request_stream(datasets or list(DATASETS), params.split, params.num_samples, params.warmup,
-                                          params.seed)
-    lookup = (lookup_configs(table, params.measured_table, models.backend.space, settings.fractions)
-              if params.compare and params.latency_budget == 0 else None)
-    return Prepared(models, requests, warmup, settings, lookup, heldout)
+    plan = plan_requests(params.request_source, table, params.measured_table, models.backend.space, params.calibration_seed,
+                         comma_list(params.dataset, "dataset", DATASETS), DATASETS, params.split, params.num_samples,
+                         params.warmup, params.seed, settings)
+    return Prepared(models, plan, settings)
 
 
 def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict[str, float]:
     torch.set_num_threads(params.num_threads)
-    heldout = prepared.heldout
-    log_dataset_input(samples_frame(prepared.requests),
-                      f"synthetic-vqa-{params.split}" if heldout is None else "measured-table-heldout", params.split,
-                      {"generator": "core.vqa.suite", "order_seed": str(params.seed),
-                       **({"measured_table": params.measured_table} if heldout is not None else {})})
-    if heldout is not None:
-        mlflow.log_params({**heldout.setup.split.as_params(), "requests_per_run": len(prepared.requests)})
-    models = prepared.models
+    plan, models = prepared.plan, prepared.models
+    log_dataset_input(samples_frame(plan.requests), "measured-table-heldout" if plan.heldout else f"synthetic-vqa-{params.split}",
+                      params.split, {"generator": "core.vqa.suite", "order_seed": str(params.seed),
+                                     "request_source": params.request_source, "measured_table": params.measured_table})
+    if plan.heldout is not None:
+        mlflow.log_params({**plan.heldout.setup.split.as_params(), "requests_per_run": len(plan.requests)})
     mlflow.log_params({f"resolved_{k}_version": v or "path" for k, v in models.versions.items()})
     mlflow.log_params({f"controller_{k}": v for k, v in describe_rule(models.controller).items()})
 
     def on_load(event: str, pids: list[int]) -> None:
         mlflow.set_tag(f"contention_{event}_pids", ",".join(map(str, pids)))
 
-    rows, l_full = run_experiment(models.backend, models.controller, models.estimator, prepared.requests,
-                                  prepared.warmup, prepared.settings, prepared.lookup, on_load)
+    rows, l_full = run_experiment(models.backend, models.controller, models.estimator, plan.requests, plan.warmup,
+                                  prepared.settings, plan.lookup, on_load)
     metrics = {"l_full_ms_measured": l_full, **report.budget_metrics(rows), **report.contention_metrics(rows)}
-    if heldout is not None and params.latency_budget == 0:
-        # The replay `evaluate_controller` gives for this controller on the same samples and budget fractions.
-        replay, decisions = replay_decisions(models.controller, models.backend, heldout, prepared.settings.fractions)
-        metrics.update({**replay, **report.replay_comparison(rows, replay, decisions),
-                        "l_full_ms_table": heldout.setup.l_full})
-        log_csv(decisions, "adaptive/replay_decisions.csv")
-    mlflow.log_metrics(metrics)
-    log_csv(rows, "adaptive/requests.csv")
-    log_csv(report.knob_distribution(rows), "adaptive/knob_distribution.csv")
-    if prepared.lookup is not None:
-        log_csv(prepared.lookup, "adaptive/lookup_table.csv")
-    log_json(metrics, "adaptive/metrics.json")
-    log_figure(plots.plot_latency_over_time(rows), "plots/latency_vs_budget_over_time.png")
-    log_figure(plots.plot_calibration_over_time(rows), "plots/calibration_factor_over_time.png")
+    decisions = None
+    if plan.heldout is not None and params.latency_budget == 0:  # evaluate_controller's replay of the same requests
+        replay, decisions = replay_report(models.controller, models.backend, plan.heldout, rows, prepared.settings.fractions)
+        metrics.update(replay)
+    log_run_results(rows, metrics, plan.lookup, decisions)
     if params.register_model:
-        log_served_model(models, prepared.requests[0], l_full)
+        log_served_model(models, plan.requests[0], l_full)
     return metrics
 
 

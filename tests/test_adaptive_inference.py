@@ -279,6 +279,8 @@ def test_a_controller_of_another_knob_space_is_refused_in_one_line(tracking_stor
     ({"controller_path": "models:/budget-controller@champion"}, "budget-controller"),
     ({"calibration_quantile": "1.5"}, "parameter calibration_quantile"),
     ({"contention_duty": "0"}, "parameter contention_duty"),
+    ({"request_source": "nope"}, "parameter request_source"),
+    ({"split": "val"}, "request_source=heldout"),
 ])
 def test_bad_input_is_one_line_and_no_run(extra, expected, tracking_store, controller_dir, estimator_file,
                                           measured_table, capsys):

@@ -170,3 +170,20 @@ def log_served_model(models: ResolvedModels, sample, l_full_ms: float) -> int | 
     if version is not None:
         mlflow.set_tag("adaptive_vlm_version", str(version))
     return version
+
+
+def log_run_results(rows: pd.DataFrame, metrics: dict[str, float], lookup: pd.DataFrame | None,
+                    replay_decisions: pd.DataFrame | None) -> None:
+    """An adaptive-inference run's metrics, per-request rows, knob distribution, yardstick tables and plots."""
+    from core.adaptive import plots, report
+    from tracking.artifacts import log_csv, log_figure, log_json
+
+    mlflow.log_metrics(metrics)
+    log_csv(rows, "adaptive/requests.csv")
+    log_csv(report.knob_distribution(rows), "adaptive/knob_distribution.csv")
+    for frame, name in ((lookup, "lookup_table"), (replay_decisions, "replay_decisions")):
+        if frame is not None:
+            log_csv(frame, f"adaptive/{name}.csv")
+    log_json(metrics, "adaptive/metrics.json")
+    log_figure(plots.plot_latency_over_time(rows), "plots/latency_vs_budget_over_time.png")
+    log_figure(plots.plot_calibration_over_time(rows), "plots/calibration_factor_over_time.png")

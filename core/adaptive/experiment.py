@@ -34,6 +34,7 @@ from core.adaptive.calibration import OnlineCalibration
 from core.adaptive.contention import CPULoad
 from core.adaptive.guardrail import Guardrail
 from core.adaptive.inference import AdaptiveInference, answer_static, freeze_heap
+from core.adaptive.report import replay_comparison
 from core.control.budgets import budget_percent, check_fractions, full_latency_ms
 from core.control.decision import LearnedController
 from core.control.evaluation import MeasuredSetup, controller_decisions, measured_setup, suite_features
@@ -150,6 +151,47 @@ def replay_decisions(controller: LearnedController, backend: BaseVLMBackend, hel
     metrics = {f"replay_{m}_at_{budget_percent(f)}": scored[f"test_{m}_at_{budget_percent(f)}"]
                for f in check_fractions(fractions) for m in ("accuracy", "adherence")}
     return metrics, decisions
+
+
+@dataclass
+class RequestPlan:
+    """What a run answers: the requests, the warm-up requests, the held-out split (request source
+    "heldout") and the lookup yardstick's table (when compared on fraction budgets)."""
+
+    requests: list[VQASample]
+    warmup: list[VQASample]
+    heldout: HeldoutRequests | None
+    lookup: pd.DataFrame | None
+
+
+def plan_requests(request_source: str, table: pd.DataFrame | None, table_source: str, space: KnobSpace,
+                  calibration_seed: int, datasets: Sequence[str], all_datasets: Sequence[str], split: str,
+                  num_samples: int, warmup: int, seed: int, settings: ExperimentSettings) -> RequestPlan:
+    """The requests of `request_source` (REQUEST_SOURCES): the measured table's held-out samples or the
+    suite split's first samples. ValueError (one line naming the parameter) otherwise."""
+    if request_source not in REQUEST_SOURCES:
+        raise ValueError(f"parameter request_source must be one of {list(REQUEST_SOURCES)}, got {request_source!r}")
+    heldout = None
+    if request_source == "heldout":
+        if split != "test":
+            raise ValueError(f"parameter split={split!r}: request_source=heldout answers the measured table's held-out "
+                             "samples, which are test samples (use request_source=split)")
+        heldout = heldout_requests(table, table_source, space, calibration_seed, datasets, num_samples, warmup, seed,
+                                   settings.fractions)
+        requests, warm = heldout.requests, heldout.warmup
+    else:
+        requests, warm = request_stream(list(datasets) or list(all_datasets), split, num_samples, warmup, seed)
+    lookup = (lookup_configs(table, table_source, space, settings.fractions)
+              if settings.compare and settings.budget_ms == 0 else None)
+    return RequestPlan(requests, warm, heldout, lookup)
+
+
+def replay_report(controller: LearnedController, backend: BaseVLMBackend, heldout: HeldoutRequests, rows: pd.DataFrame,
+                  fractions: Sequence[float]) -> tuple[dict[str, float], pd.DataFrame]:
+    """The replay `evaluate_controller` gives for this controller on the run's own requests and budget
+    fractions, and how the live answers compare with it (`core.adaptive.report.replay_comparison`)."""
+    replay, decisions = replay_decisions(controller, backend, heldout, fractions)
+    return {**replay, **replay_comparison(rows, replay, decisions), "l_full_ms_table": heldout.setup.l_full}, decisions
 
 
 def lookup_configs(table: pd.DataFrame, source: str, space: KnobSpace, fractions: Sequence[float],
