@@ -44,9 +44,9 @@ class Params:
     device: str = "cpu"
     guardrail: bool = True
     calibration_window: int = 50  # requests per stage in the running quantile
-    calibration_quantile: float = 0.95
+    calibration_quantile: float = 0.99  # per stage; 0.99 of a window of 50 is about its second largest ratio
     calibration_method: str = "quantile"  # quantile | ewma
-    warmup: int = 5  # unscored full-config requests that measure L_full
+    warmup: int = 5  # unscored full-config warm-up requests before L_full is measured on the requests themselves
     compare: bool = True  # also answer with the static full config and the lookup table
     measured_table: str = "data/profiles/cpu-base-vlm"  # the lookup table (its calibration part) and the held-out requests
     calibration_seed: int = 0  # the measured table's calibration / held-out split, as evaluate_controller's

@@ -6,9 +6,9 @@ replays, so the run reports the replay of the same controller on the same sample
 figures, `replay_decisions`), or the first samples of each data set's suite split (`request_stream`).
 
 Order, all batch 1, one request at a time:
-  1. warm-up: `warmup` requests (not scored) at the full config; the median of their wall times is
-     L_full, the full config's measured latency here and now, and budgets are fractions of it (or a
-     fixed `budget_ms`);
+  1. warm-up: `warmup` requests at the full config, then every request once at the full config (none
+     scored); the median of the latter's wall times is L_full, the full config's measured latency here
+     and now on these requests, and budgets are fractions of it (or a fixed `budget_ms`);
   2. comparison pass, per budget and request: the adaptive answer, then the static full config's, then
      the lookup table's (a static config per budget, from a measured table's calibration part), back to
      back, so drift of the machine touches the three alike;
@@ -51,7 +51,7 @@ from core.vqa.suite import SPLIT_SIZES, load_split, sample_from_id
 @dataclass(frozen=True)
 class CalibrationSettings:
     window: int = 50
-    quantile: float = 0.95
+    quantile: float = 0.99
     method: str = "quantile"
     min_count: int = 5
 
@@ -209,20 +209,24 @@ def lookup_config(lookup: pd.DataFrame, fraction: float) -> KnobConfig:
     return KnobConfig(str(row["tier"]), int(row["top_k"]), int(row["num_active_blocks"]))
 
 
-def measure_l_full(backend: BaseVLMBackend, samples: Sequence[VQASample]) -> float:
-    """Median wall time (ms) of the full config over `samples` (each answered once after a warm-up answer)."""
+def measure_l_full(backend: BaseVLMBackend, warmup: Sequence[VQASample], requests: Sequence[VQASample]) -> float:
+    """Median wall time (ms) of the full config over the run's own `requests`, each answered once (unscored)
+    after the `warmup` samples' answers: the requests' own mix of answer lengths and image sizes, as a
+    measured table's L_full is the median over its samples (a few warm-up samples alone gave 35-47 ms
+    on the same machine)."""
     full = backend.space.full()
-    backend.answer(samples[0], full)
-    return statistics.median(answer_static(backend, s, full, 0.0)["T_total_ms"] for s in samples)
+    for sample in warmup:
+        backend.answer(sample, full)
+    return statistics.median(answer_static(backend, s, full, 0.0)["T_total_ms"] for s in requests)
 
 
 def _adaptive(backend: BaseVLMBackend, controller: LearnedController, estimator: LatencyEstimator,
-              settings: ExperimentSettings, calibrate: bool) -> AdaptiveInference:
+              settings: ExperimentSettings, calibrate: bool, l_full: float) -> AdaptiveInference:
     c = settings.calibration
     calibration = OnlineCalibration(controller.latency_factor, c.window, c.quantile, c.method, min_count=c.min_count,
                                     enabled=calibrate)
     guardrail = Guardrail(estimator, controller.options, controller.prior_accuracy, enabled=settings.guardrail)
-    return AdaptiveInference(backend, controller, guardrail, calibration)
+    return AdaptiveInference(backend, controller, guardrail, calibration, l_full)
 
 
 def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estimator: LatencyEstimator,
@@ -233,11 +237,11 @@ def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estim
     """(one row per answered request, L_full ms). `lookup` is the lookup yardstick's table (`lookup_configs`);
     `on_load("start"|"stop", pids)` hears about the background load."""
     freeze_heap()  # the models and libraries stay out of every garbage collection a request meets
-    l_full = measure_l_full(backend, warmup)
+    l_full = measure_l_full(backend, warmup, requests)
     budgets = [(0.0, settings.budget_ms)] if settings.budget_ms > 0 else [(f, f * l_full) for f in settings.fractions]
     rows: list[dict] = []
     order = 0
-    session = _adaptive(backend, controller, estimator, settings, calibrate=True)
+    session = _adaptive(backend, controller, estimator, settings, True, l_full)
     full = backend.space.full()
     with tqdm(total=len(budgets) * len(requests), desc="adaptive inference", disable=not progress) as bar:
         for fraction, budget in budgets:
@@ -254,8 +258,8 @@ def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estim
     if settings.contention:
         budget = settings.contention_fraction * l_full
         third = max(1, len(requests) // 3)
-        sessions = {True: _adaptive(backend, controller, estimator, settings, True),
-                    False: _adaptive(backend, controller, estimator, settings, False)}
+        sessions = {calibrate: _adaptive(backend, controller, estimator, settings, calibrate, l_full)
+                    for calibrate in (True, False)}
         with CPULoad(settings.contention_workers, settings.contention_duty) as load:
             for i, sample in enumerate(tqdm(requests, desc="contention, calibration on and off", disable=not progress)):
                 if i == third:

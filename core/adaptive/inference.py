@@ -7,8 +7,9 @@ For each request (a VQA sample and a budget B in ms), timed from arrival to answ
                  tier's crop count (from the image size alone);
   2. decision    the controller's rule on those features, its fit check's latencies multiplied by the
                  calibration's drift (how much slower than the controller's static calibration the
-                 machine is now: the same check as the budget divided by it; the net's heads see the
-                 budget asked for); the tier it picks is final, its (top_k, blocks) provisional;
+                 machine is now: the same check as the budget divided by it; the net's heads read the
+                 budget as a fraction of the L_full measured here, as they were trained); the tier it
+                 picks is final, its (top_k, blocks) provisional;
   3. vision      the tier's tiles encoded (measured);
   4. guardrail   (core.adaptive.guardrail) the provisional (top_k, blocks) must fit what is left of B,
                  at the calibrated P90; otherwise a step down within the tier;
@@ -85,8 +86,12 @@ class AdaptiveInference:
     """Answers requests adaptively (module doc) with a base VLM, a controller, a guardrail and a calibration."""
 
     def __init__(self, backend: BaseVLMBackend, controller: LearnedController, guardrail: Guardrail,
-                 calibration: OnlineCalibration) -> None:
+                 calibration: OnlineCalibration, l_full_ms: float | None = None) -> None:
+        """`l_full_ms`: the full config's latency measured on this machine, if known. The net's heads read
+        the budget as a fraction of it (B / L_full, as they were trained), while the fit check and the
+        guardrail compare milliseconds; unknown, the fraction is of the controller's own L_full."""
         self.backend, self.controller, self.guardrail, self.calibration = backend, controller, guardrail, calibration
+        self.budget_scale = controller.l_full_ms / l_full_ms if l_full_ms else 1.0
         self.model, self.space = backend.model, backend.space
         grid = grid_arrays(controller.options)
         self.configs = [KnobConfig(str(t), int(k), int(b))  # by grid index: no numpy indexing per request
@@ -133,13 +138,14 @@ class AdaptiveInference:
         steps = max(length - 1, 0)
         means = latency.stage_means
         drift = self.calibration.drift({"vision": means["vision"], "prefill": means["prefill"], "decode": means["decode"] * steps})
-        budget = np.array([budget_ms])
-        # The rule's P90 of T_total from the guardrail's stage P90s (what `decide_arrays` computes with a
-        # second estimator pass): one estimator pass per request serves both. The drift scales the fit
-        # check's latencies (the same check as the budget divided by it); the heads see the budget asked for.
-        upper = latency.total(steps)[None] * (controller.latency_factor * drift)
-        index, _ = controller.choose(controller.head_log_probs(q, gv if controller.net.uses_global_view else None, budget,
-                                                               normalise=False), upper, budget)
+        # The rule runs in the controller's units: the budget as the same fraction of its L_full as B is of
+        # the L_full measured here (what its heads and prices read), the fit check's latencies scaled alike.
+        # Those are the guardrail's stage P90s (one estimator pass per request serves both) times the
+        # calibration's drift (the same check as the budget divided by it).
+        budget = np.array([budget_ms * self.budget_scale])
+        upper = latency.total(steps)[None] * (controller.latency_factor * drift * self.budget_scale)
+        index, _ = controller.choose(controller.head_log_probs(q, gv if controller.net.uses_global_view else None,
+                                                               budget, normalise=False), upper, budget)
         first = self._config(int(index[0]))
         t_decision = _ms(t)
 
