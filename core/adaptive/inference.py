@@ -172,8 +172,11 @@ class AdaptiveInference:
 
         t = time.perf_counter()
         measured = {"vision": sum(stages["vision"]), "prefill": sum(stages["prefill"]), "decode": sum(stages.get("decode", []))}
+        # The estimator's vision is the whole image stage (preprocessing, the global view and the tiles); here
+        # the global view was encoded with the features, so its ratio counts the features' time too.
+        observed = {**measured, "vision": measured["vision"] + t_features}
         forwards = max(len(generated) - 1, 0)
-        self.calibration.update(measured, {"vision": float(p90[decision.index, 0]), "prefill": float(p90[decision.index, 1]),
+        self.calibration.update(observed, {"vision": float(p90[decision.index, 0]), "prefill": float(p90[decision.index, 1]),
                                            "decode": float(p90[decision.index, 2]) * forwards})
         t_calibration = _ms(t)
         total = _ms(start)
