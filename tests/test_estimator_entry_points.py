@@ -258,7 +258,9 @@ def test_pipeline_controllers_follow_the_estimator_and_promote_under_the_adheren
         assert named[name].parameters(done)["measured_table"] == "data/profiles/other"
     promote = steps["promote_controller"]
     assert not promote.reusable and promote.parameters(done) == {"model_name": "budget-controller",
-                                                                 "require": "test_adherence_min>=0.97"}
+                                                                 "require": pipeline.Params().controller_require}
+    # the default leaves out the budgets no config can keep (50 / 60%), which would exclude every version
+    assert not any(k in pipeline.Params().controller_require for k in ("_min", "_at_50", "_at_60"))
     assert steps["evaluate_controller"].parameters(done)["controller"] == "models:/budget-controller@champion"
     # The pipeline ends the base-VLM branch with live adaptive inference on the three champions.
     adaptive = steps["adaptive_inference"]
