@@ -31,23 +31,8 @@ import torch  # noqa: E402
 from core.knobs import KnobConfig  # noqa: E402
 from core.vlm.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples  # noqa: E402
 from core.vlm.molmoe_checkpoint import (  # noqa: E402
-    EOS_TOKEN, EXTRA_TOKENS, load_molmoe_checkpoint, write_release_checkpoint,
+    load_molmoe_checkpoint, write_release_checkpoint, write_word_level_tokenizer,
 )
-
-
-def write_word_level_tokenizer(path: Path, text_vocab: int) -> None:
-    """OLMo's id layout with made-up words: w<i> for ordinary ids, EOS the last of them, Molmo's extra
-    tokens right after (the probe questions are w<i> words, so every prompt word is in the vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(["User", ":", "Assistant"])}
-    vocab.update({f"w{i}": i for i in range(len(vocab), text_vocab - 1)})
-    vocab[EOS_TOKEN] = text_vocab - 1
-    vocab.update({t: text_vocab + k for k, t in enumerate(EXTRA_TOKENS)})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([EOS_TOKEN, *EXTRA_TOKENS])
-    tokenizer.save(str(path))
 
 
 def prefill_logits(backend: MolmoeArchBackend, pixels: torch.Tensor, ids: list[int]) -> torch.Tensor:

@@ -18,8 +18,6 @@ from safetensors.torch import save_file
 from core.knobs import KnobConfig
 from core.vlm.molmoe_arch import MolmoeArchBackend, synthetic_latency_samples
 from core.vlm.molmoe_checkpoint import (
-    EOS_TOKEN,
-    EXTRA_TOKENS,
     LM,
     TARGET_LEFT_AT_INIT,
     VISION,
@@ -30,31 +28,18 @@ from core.vlm.molmoe_checkpoint import (
     plan_checkpoint,
     release_config_dict,
     weight_rules,
+    write_word_level_tokenizer,
     write_release_checkpoint,
 )
 
 WORDS = ["User", ":", "Assistant", "what", "color", "is", "the", "shape", "?", "how", "many"]
 
 
-def write_tokenizer(path: Path, text_vocab: int) -> None:
-    """A word-level tokenizer laid out like OLMo's: EOS the last ordinary id, Molmo's extra tokens after."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    vocab.update({f"w{i}": i for i in range(len(WORDS), text_vocab - 1)})
-    vocab[EOS_TOKEN] = text_vocab - 1
-    vocab.update({t: text_vocab + k for k, t in enumerate(EXTRA_TOKENS)})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w11"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([EOS_TOKEN, *EXTRA_TOKENS])
-    tokenizer.save(str(path))
-
-
 def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], config: dict, text_vocab: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(config))
-    write_tokenizer(directory / "tokenizer.json", text_vocab)
+    write_word_level_tokenizer(directory / "tokenizer.json", text_vocab, WORDS)
     return directory
 
 
@@ -73,7 +58,7 @@ def exported(source: MolmoeArchBackend) -> dict[str, torch.Tensor]:
 def release_dir(tmp_path_factory: pytest.TempPathFactory, source: MolmoeArchBackend) -> Path:
     """The tiny backend as a sharded release directory (index + shards), with its tokenizer."""
     directory = write_release_checkpoint(source, tmp_path_factory.mktemp("molmoe") / "MolmoE-tiny", max_shard_bytes=400_000)
-    write_tokenizer(directory / "tokenizer.json", source.dims.text_vocab)
+    write_word_level_tokenizer(directory / "tokenizer.json", source.dims.text_vocab, WORDS)
     return directory
 
 

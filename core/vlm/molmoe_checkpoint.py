@@ -663,6 +663,22 @@ def export_release_tensors(backend: MolmoeArchBackend, dtype: torch.dtype | None
     return out
 
 
+def write_word_level_tokenizer(path: str | Path, text_vocab: int,
+                               words: Sequence[str] = ("User", ":", "Assistant")) -> None:
+    """A word-level `tokenizer.json` in OLMo's id layout, for synthetic release directories: `words` first,
+    made-up words w<i> for the other ordinary ids, EOS the last of them, Molmo's extra tokens right after."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({f"w{i}": i for i in range(len(words), text_vocab - 1)})
+    vocab[EOS_TOKEN] = text_vocab - 1
+    vocab.update({t: text_vocab + k for k, t in enumerate(EXTRA_TOKENS)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=f"w{len(words)}"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([EOS_TOKEN, *EXTRA_TOKENS])
+    tokenizer.save(str(path))
+
+
 def write_release_checkpoint(backend: MolmoeArchBackend, directory: str | Path, dtype: torch.dtype | None = None,
                              max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write `backend` as a release-layout checkpoint directory: config.json, safetensors shards and their
