@@ -24,7 +24,7 @@ from core.control.evaluation import (
     controller_decisions,
     evaluate_methods,
     measured_setup,
-    suite_features,
+    table_features,
     yardstick_decisions,
 )
 from core.control.grpo import BEST_FILE, LAST_FILE, GRPOConfig, train_grpo
@@ -79,7 +79,7 @@ def measured_inputs(measured_table: str, model_path: str, calibration_seed: int,
     base_vlm_dir = str(resolve_base_model_dir(model_path))
     backend = BaseVLMBackend.from_pretrained(base_vlm_dir)
     setup = measured_setup(table, str(measured_table), backend.space, calibration_seed, budget_fractions)
-    return MeasuredInputs(setup, backend, base_vlm_dir, suite_features(backend, table, str(measured_table)))
+    return MeasuredInputs(setup, backend, base_vlm_dir, table_features(backend, table, str(measured_table)))
 
 
 @dataclass

@@ -37,7 +37,7 @@ from core.adaptive.inference import AdaptiveInference, answer_static, freeze_hea
 from core.adaptive.report import replay_comparison
 from core.control.budgets import budget_percent, check_fractions, full_latency_ms
 from core.control.decision import LearnedController
-from core.control.evaluation import MeasuredSetup, controller_decisions, measured_setup, suite_features
+from core.control.evaluation import MeasuredSetup, controller_decisions, measured_setup, table_features
 from core.control.measured import check_measured_table, samples_of, split_calibration
 from core.control.scoring import score_decisions
 from core.control.yardsticks import lookup_table, oracle
@@ -145,7 +145,7 @@ def replay_decisions(controller: LearnedController, backend: BaseVLMBackend, hel
     ids = {s.sample_id for s in heldout.requests}
     table = heldout.setup.split.heldout
     runs = table[table["sample_id"].astype(str).isin(ids)].reset_index(drop=True)
-    features = suite_features(backend, runs, heldout.source)
+    features = table_features(backend, runs, heldout.source)
     decisions = controller_decisions(controller, features, runs, heldout.setup.l_full, fractions)
     scored = score_decisions(decisions, runs, heldout.setup.l_full, oracle(runs, heldout.setup.l_full, fractions))
     metrics = {f"replay_{m}_at_{budget_percent(f)}": scored[f"test_{m}_at_{budget_percent(f)}"]

@@ -6,7 +6,7 @@
                          distribution per budget and every decision replayed on the measured runs
   knob_label_accuracy    the seed's secondary figures: how often a method's knobs equal the oracle's
   measured_setup         a measured table made ready: checked, split 70/30 by sample, L_full, the fractions
-  suite_features         the controller features of a measured table's samples, rebuilt from the suite
+  table_features         the controller features of a measured table's samples, rebuilt by id (suite or data_root)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from core.control.measured import CalibrationSplit, check_measured_table, sample
 from core.control.scoring import decision_rows, knob_distribution, score_decisions
 from core.control.yardsticks import DECISION_COLUMNS, lookup, oracle, static_full
 from core.knobs import KNOBS, KnobConfig, KnobSpace
+from core.vlm.backend import StagedVLM
 
 ORACLE_PREFIX = "oracle_"
 CALIBRATION_FRACTION = 0.7  # issue 14: 70% of a measured table's samples calibrate, 30% are held out
@@ -140,22 +141,22 @@ def measured_setup(table: pd.DataFrame, source: str, space: KnobSpace, calibrati
     return MeasuredSetup(table, split, full_latency_ms(table, full), full, fractions)
 
 
-def suite_features(backend, table: pd.DataFrame, source: str) -> pd.DataFrame:
+def table_features(backend: StagedVLM, table: pd.DataFrame, source: str, data_root: str = "") -> pd.DataFrame:
     """The controller features (core.control.data.sample_features) of every sample of a measured table,
-    the samples rebuilt from the VQA suite by id. ValueError (one line) for an id the suite cannot
-    rebuild or a question that differs from the table's (a table profiled on another suite version)."""
+    the samples rebuilt by id: from the VQA suite, or read from the real files under `data_root`.
+    ValueError (one line) for an id neither can give or a question that differs from the table's (a
+    table profiled on another suite version or other files)."""
     from core.control.data import sample_features
-    from core.vqa.suite import sample_from_id
+    from core.vqa.sources import samples_from_ids
 
     rows = table.astype({"sample_id": str}).drop_duplicates("sample_id").sort_values("sample_id")
-    samples = []
-    for sample_id, question in zip(rows["sample_id"], rows["question"] if "question" in rows else [None] * len(rows)):
-        try:
-            sample = sample_from_id(sample_id)
-        except ValueError as exc:
-            raise ControllerError(f"{source}: field sample_id {sample_id!r} is not a suite sample ({exc})") from None
+    where = f"the real files under {data_root}" if data_root else "the suite"
+    try:
+        samples = samples_from_ids(list(rows["sample_id"]), data_root)
+    except ValueError as exc:
+        raise ControllerError(f"{source}: field sample_id: not a sample of {where} ({exc})") from None
+    for sample, question in zip(samples, rows["question"] if "question" in rows else [None] * len(rows)):
         if question is not None and sample.question != question:
-            raise ControllerError(f"{source}: sample {sample_id} asks {question!r}, the suite now asks {sample.question!r} "
-                                  "(the table was profiled on another suite version: profile it again)")
-        samples.append(sample)
+            raise ControllerError(f"{source}: sample {sample.sample_id} asks {question!r}, {where} now asks "
+                                  f"{sample.question!r} (the table was profiled on other samples: profile it again)")
     return sample_features(backend, samples)

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
+
+from core.timing import StageClock
 
 from core.knobs import KnobConfig, KnobSpace
 from core.vqa.sample import VQASample
@@ -70,6 +73,46 @@ class VLMBackend(Protocol):
         `force_output_tokens` makes generation run exactly that many tokens (latency profiling of
         random-weight models, where EOS would come at random).
         """
+        ...
+
+
+@dataclass
+class RequestFeatures:
+    """What a backend knows of a request before any knob is chosen (the controller's inputs): the mean
+    input embedding of the question's tokens, the global view's vision tokens (the same crop at every
+    tier, encoded once and reused by the vision stage), the prompt's text tokens and each tier's crops."""
+
+    question_embedding: np.ndarray  # (d,) float32
+    global_view: torch.Tensor  # (1, tokens_per_crop, d) on the backend's device
+    text_tokens: int
+    crops: dict[str, int]  # tier -> tiles without the global view
+
+    @property
+    def global_view_mean(self) -> np.ndarray:
+        """(d,) float32: the mean over the global view's tokens."""
+        return self.global_view[0].mean(0).float().cpu().numpy()
+
+
+class StagedVLM(VLMBackend, Protocol):
+    """A backend whose request can be answered stage by stage, so a decision can sit between the stages
+    (adaptive inference: features -> tier -> vision -> top_k / blocks -> generate). Both backends are one."""
+
+    def request_features(self, sample: VQASample) -> RequestFeatures:
+        """The request's features (untimed here: the caller times them)."""
+        ...
+
+    def encode_tier(self, sample: VQASample, tier: str, global_view: torch.Tensor) -> torch.Tensor:
+        """(1, V, d) vision tokens of `tier`: `global_view` followed by the tier's tiles encoded now."""
+        ...
+
+    def generate_from_vision(self, vision_tokens: torch.Tensor, sample: VQASample, config: KnobConfig,
+                             max_new_tokens: int, clock: StageClock) -> list[int]:
+        """Greedy ids (up to and including the first EOS, at most `max_new_tokens`) from the vision tokens
+        under `config`'s top_k and blocks, prefill and each decode step timed on `clock`."""
+        ...
+
+    def decode_answer(self, ids: Sequence[int]) -> str:
+        """The answer text of generated ids (EOS and what follows it dropped)."""
         ...
 
 

@@ -32,9 +32,9 @@ from torch import nn
 from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast, ViTConfig, ViTModel
 from transformers.cache_utils import DynamicCache
 
-from core.knobs import BASE_VLM_SPACE, KnobConfig, KnobSpace, active_blocks, default_drop_order
+from core.knobs import BASE_VLM_SPACE, TIERS, KnobConfig, KnobSpace, active_blocks, default_drop_order
 from core.timing import StageClock
-from core.vlm.backend import GenerationResult
+from core.vlm.backend import GenerationResult, RequestFeatures
 from core.vlm.knob_application import cut_tiles, decoder_knobs, select_grid
 from core.vqa.sample import VQASample
 from core.vlm.tokenizer import ANSWER, build_word_tokenizer, load_word_tokenizer
@@ -664,3 +664,42 @@ class BaseVLMBackend:
             T_decode_ms=float(sum(decode_steps)),
             decode_step_ms=decode_steps,
         )
+
+    # --- stage by stage (core.vlm.backend.StagedVLM: adaptive inference) --------------------------
+    def _at_tier(self, tier: str) -> KnobConfig:
+        full = self.space.full()
+        return KnobConfig(tier, full.top_k, full.num_active_blocks)
+
+    @torch.inference_mode()
+    def request_features(self, sample: VQASample) -> RequestFeatures:
+        """Question embedding mean, the global view encoded alone (layout id 0), text tokens (BOS,
+        words, ANS) and each tier's crops from the image size."""
+        model = self.model
+        ids = model.question_ids(sample.question)
+        embed = model.decoder.model.embed_tokens
+        question = embed(torch.tensor([ids], dtype=torch.long, device=model.device))[0].mean(0).float().cpu().numpy()
+        with apply_knobs(model, self._at_tier(TIERS[0]), self.space, self.drop_order):
+            crops, _ = model.preprocess(sample.image)
+        global_view = model.encode_views(crops[None, :1].to(model.device), torch.zeros(1, dtype=torch.long))
+        tiles = {t: int(np.prod(select_grid(sample.image.width, sample.image.height, self.space.max_crops(t))))
+                 for t in TIERS}
+        return RequestFeatures(question, global_view, len(ids) + 2, tiles)
+
+    @torch.inference_mode()
+    def encode_tier(self, sample: VQASample, tier: str, global_view: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        with apply_knobs(model, self._at_tier(tier), self.space, self.drop_order):
+            crops, grid = model.preprocess(sample.image)
+            tiles = model.encode_views(crops[None, 1:].to(model.device), model.layout_ids(grid)[1:])
+        return torch.cat([global_view, tiles], dim=1)
+
+    @torch.inference_mode()
+    def generate_from_vision(self, vision_tokens: torch.Tensor, sample: VQASample, config: KnobConfig,
+                             max_new_tokens: int, clock: StageClock) -> list[int]:
+        with apply_knobs(self.model, config, self.space, self.drop_order):
+            generated, _ = self.model.generate_from_vision(vision_tokens, sample.question, max_new_tokens, clock=clock)
+        return generated
+
+    def decode_answer(self, ids: Sequence[int]) -> str:
+        eos = self.model.tokenizer.eos_token_id
+        return self.model.decode(list(ids[: list(ids).index(eos)]) if eos in ids else list(ids))

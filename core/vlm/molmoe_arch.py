@@ -49,7 +49,7 @@ from core.knobs import MOLMOE_SPACE, TIERS, KnobConfig, KnobSpace, active_blocks
 from core.vlm.fused_decode import FusedDecoder, fused_available
 from core.vlm.graph_engine import GraphedGenerator
 from core.timing import StageClock
-from core.vlm.backend import ENGINES, GenerationResult
+from core.vlm.backend import ENGINES, GenerationResult, RequestFeatures
 from core.vlm.knob_application import cut_tiles, decoder_knobs, select_grid, tier_crop_band
 from core.vqa.sample import VQASample
 
@@ -360,8 +360,7 @@ class MolmoeArchBackend:
         if n_new < 1:
             raise ValueError(f"need at least one output token, got {n_new}")
         rows, cols = self.crops_for(sample.image, config.tier)
-        ids = (self.tokenizer.prompt_ids(sample.question) if self.tokenizer is not None
-               else prompt_token_ids(sample.question, self.dims.text_vocab))
+        ids = self.prompt_ids(sample.question)
         clock = StageClock(self.device)
         if self.engine in ("graph", "fused"):
             token_ids, vision_tokens = self._generate_graphed(sample, config.top_k, blocks, rows, cols, ids, n_new,
@@ -389,28 +388,80 @@ class MolmoeArchBackend:
         self, sample: VQASample, top_k: int, blocks: tuple[int, ...], rows: int, cols: int, ids: list[int],
         n_new: int, stop_at_eos: bool, clock: StageClock,
     ) -> tuple[list[int], int]:
-        tokens: list[torch.Tensor] = []
         with self.knobs_applied(top_k, blocks):
             with clock.stage("vision"):
                 pixels = image_crops(sample.image, rows, cols, self.dims.image_size)
                 vision = self.vision(pixels.to(self.device, self.dtype)).reshape(1, -1, self.dims.d_model)
-            with clock.stage("prefill"):
-                text = self.lm.get_input_embeddings()(torch.tensor([ids], dtype=torch.long, device=self.device))
-                cache = self._new_cache()
-                out = self.lm(
-                    inputs_embeds=torch.cat([vision, text], dim=1), past_key_values=cache, use_cache=True, logits_to_keep=1
-                )
+            return self._decode_eager(vision, ids, n_new, stop_at_eos, clock), int(vision.shape[1])
+
+    def _decode_eager(self, vision: torch.Tensor, ids: list[int], n_new: int, stop_at_eos: bool,
+                      clock: StageClock) -> list[int]:
+        """Prefill [vision ; text] and decode greedily under the knobs applied (DynamicCache)."""
+        tokens: list[torch.Tensor] = []
+        with clock.stage("prefill"):
+            text = self.lm.get_input_embeddings()(torch.tensor([ids], dtype=torch.long, device=self.device))
+            cache = self._new_cache()
+            out = self.lm(
+                inputs_embeds=torch.cat([vision, text], dim=1), past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+            token = out.logits[:, -1].argmax(dim=-1)
+        tokens.append(token)
+        for _ in range(n_new - 1):
+            # Only an unforced run needs the token on the host (an EOS check syncs the GPU).
+            if stop_at_eos and int(token.item()) == self.eos_token_id:
+                break
+            with clock.stage("decode"):
+                out = self.lm(input_ids=token[:, None], past_key_values=cache, use_cache=True)
                 token = out.logits[:, -1].argmax(dim=-1)
             tokens.append(token)
-            for _ in range(n_new - 1):
-                # Only an unforced run needs the token on the host (an EOS check syncs the GPU).
-                if stop_at_eos and int(token.item()) == self.eos_token_id:
-                    break
-                with clock.stage("decode"):
-                    out = self.lm(input_ids=token[:, None], past_key_values=cache, use_cache=True)
-                    token = out.logits[:, -1].argmax(dim=-1)
-                tokens.append(token)
-        return torch.cat(tokens).tolist(), int(vision.shape[1])
+        return torch.cat(tokens).tolist()
+
+    # --- stage by stage (core.vlm.backend.StagedVLM: controller features, adaptive inference) ------
+    def prompt_ids(self, question: str) -> list[int]:
+        """The prompt's token ids: the loaded tokenizer's template, else one hashed id per word."""
+        return (self.tokenizer.prompt_ids(question) if self.tokenizer is not None
+                else prompt_token_ids(question, self.dims.text_vocab))
+
+    @torch.inference_mode()
+    def request_features(self, sample: VQASample) -> RequestFeatures:
+        """Mean input embedding of the prompt's tokens, the global view (the whole image at crop size)
+        encoded alone, the prompt's text tokens and each tier's tiles from the image size."""
+        ids = self.prompt_ids(sample.question)
+        embedded = self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.device))
+        size = self.dims.image_size
+        whole = torch.from_numpy(_to_pixels(sample.image, (size, size))).permute(2, 0, 1)[None]
+        global_view = self._encode_crops(whole.to(self.device, self.dtype))
+        crops = {tier: int(np.prod(self.crops_for(sample.image, tier))) for tier in TIERS}
+        return RequestFeatures(embedded.mean(0).float().cpu().numpy(), global_view, len(ids), crops)
+
+    @torch.inference_mode()
+    def encode_tier(self, sample: VQASample, tier: str, global_view: torch.Tensor) -> torch.Tensor:
+        """`global_view` then the tier's tiles, encoded eagerly (the ViT sees each crop on its own, so
+        this equals encoding the global view with the tiles)."""
+        rows, cols = self.crops_for(sample.image, tier)
+        tiles = image_crops(sample.image, rows, cols, self.dims.image_size)[1:]
+        return torch.cat([global_view, self._encode_crops(tiles.to(self.device, self.dtype))], dim=1)
+
+    @torch.inference_mode()
+    def generate_from_vision(self, vision_tokens: torch.Tensor, sample: VQASample, config: KnobConfig,
+                             max_new_tokens: int, clock: StageClock) -> list[int]:
+        """Prefill and greedy decode under `config`'s top_k and blocks: replayed graphs on the graph and
+        fused engines, transformers' forwards on eager. Stops at EOS."""
+        self.space.validate(config)
+        blocks, ids = self.blocks_for(config), self.prompt_ids(sample.question)
+        if self.engine in ("graph", "fused"):
+            generator = self.generator()  # before the knobs: initialisation needs every block
+            with self.knobs_applied(config.top_k, blocks):
+                text_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+                return generator.generate(vision_tokens, text_ids, max_new_tokens, (config.top_k, blocks), clock,
+                                          eos_token_id=self.eos_token_id)
+        with self.knobs_applied(config.top_k, blocks):
+            return self._decode_eager(vision_tokens, ids, max_new_tokens, True, clock)
+
+    def decode_answer(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        ids = ids[: ids.index(self.eos_token_id)] if self.eos_token_id in ids else ids
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(f"t{t}" for t in ids)
 
     @property
     def graph_cache_len(self) -> int:

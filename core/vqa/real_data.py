@@ -179,12 +179,14 @@ def _load_image(question: _Question) -> Image.Image:
         raise RealDataError(f"{question.image_path}: unreadable image ({err})") from err
 
 
-def load_real_split(data_root: str | Path, dataset: str, split: str, limit: int | None = None) -> list[VQASample]:
+def load_real_split(data_root: str | Path, dataset: str, split: str, limit: int | None = None,
+                    indices: Sequence[int] | None = None) -> list[VQASample]:
     """The first `limit` questions (default: all) of `split` of a real data set under `data_root`, in file order.
 
     `dataset` is one of DATASETS, laid out under `data_root` as the module docstring describes. Each sample's
     answers are the human answers as strings (none for TextVQA's test split), its task the data set's name.
-    A `limit` beyond the split's size returns the whole split. Raises RealDataError for an unknown data set
+    A `limit` beyond the split's size returns the whole split. `indices` (instead of `limit`) picks those
+    questions of the file, in that order, and decodes only their images. Raises RealDataError for an unknown data set
     or split, a negative limit, a missing or malformed file or field, a question without an annotation, or
     a missing image among those loaded.
     """
@@ -199,9 +201,16 @@ def load_real_split(data_root: str | Path, dataset: str, split: str, limit: int 
         questions = _text_vqa_questions(root, split)
     else:
         questions = _coco_vqa_questions(root, dataset, split)
+    if indices is not None:
+        if (bad := [i for i in indices if not 0 <= int(i) < len(questions)]):
+            raise RealDataError(f"{dataset}:{split}:{bad[0]} is not a question of {dataset} {split} "
+                                f"(it has {len(questions)})")
+        chosen = [(int(i), questions[int(i)]) for i in indices]
+    else:
+        chosen = list(enumerate(questions[:limit]))
     images: dict[Path, Image.Image] = {}
     samples = []
-    for index, question in enumerate(questions[:limit]):
+    for index, question in chosen:
         if question.image_path not in images:
             images[question.image_path] = _load_image(question)
         samples.append(VQASample(

@@ -54,6 +54,39 @@ def load_mixed(datasets: Sequence[str], split: str, num_samples: int, seed: int,
     return [s for name in datasets for s in load_samples(name, split, num_samples, seed, data_root)]
 
 
+def load_range(dataset: str, split: str, start: int, stop: int, data_root: str) -> list[VQASample]:
+    """Samples [start, stop) of `split` of `dataset` (the suite's, or the real file's question order under
+    `data_root`; a real split is read as named, 'test' included, with no 'test' -> 'val' mapping)."""
+    root = check_data_root(data_root)
+    if root is None:
+        return [suite.make_sample(dataset, split, i) for i in range(start, stop)]
+    return real_data.load_real_split(root, dataset, split, indices=range(start, stop))
+
+
+def samples_from_ids(sample_ids: Sequence[str], data_root: str) -> list[VQASample]:
+    """The samples "<dataset>:<split>:<index>" in `sample_ids` order, rebuilt from the suite or read from
+    the real files under `data_root` (one file read per data set and split). ValueError (one line naming
+    the id) for an id neither can give."""
+    root = check_data_root(data_root)
+    parsed = []
+    for sample_id in sample_ids:
+        parts = str(sample_id).split(":")
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise ValueError(f"sample id {sample_id!r} is not <dataset>:<split>:<index>")
+        parsed.append((parts[0], parts[1], int(parts[2])))
+    if root is None:
+        return [suite.make_sample(d, s, i) for d, s, i in parsed]
+    by_file: dict[tuple[str, str], list[int]] = {}
+    for dataset, split, index in parsed:
+        by_file.setdefault((dataset, split), []).append(index)
+    loaded = {}
+    for (dataset, split), indices in by_file.items():
+        unique = sorted(set(indices))
+        for index, sample in zip(unique, real_data.load_real_split(root, dataset, split, indices=unique)):
+            loaded[(dataset, split, index)] = sample
+    return [loaded[key] for key in parsed]
+
+
 def answer_score(data_root: str) -> ScoreFn:
     """How answers are scored: the official VQA accuracy on the real benchmarks, `vqa_score` on the suite."""
     return real_data.official_vqa_accuracy if data_root else vqa_score
