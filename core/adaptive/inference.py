@@ -1,4 +1,5 @@
-"""Adaptive inference on the base VLM: one request at a time, under a latency budget.
+"""Adaptive inference on a stage-by-stage backend (core.vlm.backend.StagedVLM: the base VLM or
+molmoe_arch): one request at a time, under a latency budget.
 
 For each request (a VQA sample and a budget B in ms), timed from arrival to answer:
   1. features    the controller's inputs, which the model computes anyway: the question's token
@@ -33,8 +34,7 @@ from core.adaptive.guardrail import Guardrail
 from core.control.decision import LearnedController, grid_arrays
 from core.knobs import TIERS, KnobConfig
 from core.timing import StageClock
-from core.vlm.base_vlm import BaseVLMBackend, apply_knobs
-from core.vlm.knob_application import select_grid
+from core.vlm.backend import StagedVLM
 from core.vqa.metrics import vqa_score
 from core.vqa.sample import VQASample
 
@@ -85,14 +85,14 @@ def _ms(start: float) -> float:
 class AdaptiveInference:
     """Answers requests adaptively (module doc) with a base VLM, a controller, a guardrail and a calibration."""
 
-    def __init__(self, backend: BaseVLMBackend, controller: LearnedController, guardrail: Guardrail,
+    def __init__(self, backend: StagedVLM, controller: LearnedController, guardrail: Guardrail,
                  calibration: OnlineCalibration, l_full_ms: float | None = None) -> None:
         """`l_full_ms`: the full config's latency measured on this machine, if known. The net's heads read
         the budget as a fraction of it (B / L_full, as they were trained), while the fit check and the
         guardrail compare milliseconds; unknown, the fraction is of the controller's own L_full."""
         self.backend, self.controller, self.guardrail, self.calibration = backend, controller, guardrail, calibration
         self.budget_scale = controller.l_full_ms / l_full_ms if l_full_ms else 1.0
-        self.model, self.space = backend.model, backend.space
+        self.space = backend.space
         grid = grid_arrays(controller.options)
         self.configs = [KnobConfig(str(t), int(k), int(b))  # by grid index: no numpy indexing per request
                         for t, k, b in zip(grid["tier"], grid["top_k"], grid["num_active_blocks"])]
@@ -105,27 +105,18 @@ class AdaptiveInference:
     def _features(self, sample: VQASample) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
         """(1, d) question features, (1, d) global-view features, (7,) request sizes, and the global
         view's vision tokens (1, tokens_per_crop, d)."""
-        model, space = self.model, self.space
-        ids = model.question_ids(sample.question)
-        embed = model.decoder.model.embed_tokens
-        q = embed(torch.tensor([ids], dtype=torch.long, device=model.device)).mean(1).float().cpu().numpy()
-        with apply_knobs(model, KnobConfig(TIERS[0], self.full.top_k, self.full.num_active_blocks), space,
-                         self.backend.drop_order):
-            crops, _ = model.preprocess(sample.image)
-        glob_tokens = model.encode_views(crops[None, :1].to(model.device), torch.zeros(1, dtype=torch.long))
-        gv = glob_tokens.mean(1).float().cpu().numpy()
-        counts = [select_grid(sample.image.width, sample.image.height, space.max_crops(t)) for t in TIERS]
-        crops_per_tier = [r * c for r, c in counts]
-        sizes = np.array([len(ids) + 2, *crops_per_tier, *((n + 1) * space.tokens_per_crop for n in crops_per_tier)],
-                         dtype=np.float64)
-        return q, gv, sizes, glob_tokens
+        features = self.backend.request_features(sample)
+        crops_per_tier = [features.crops[t] for t in TIERS]
+        sizes = np.array([features.text_tokens, *crops_per_tier,
+                          *((n + 1) * self.space.tokens_per_crop for n in crops_per_tier)], dtype=np.float64)
+        return (features.question_embedding[None], features.global_view_mean[None], sizes, features.global_view)
 
     def _config(self, index: int) -> KnobConfig:
         return self.configs[index]
 
     @torch.inference_mode()
     def answer(self, sample: VQASample, budget_ms: float) -> AdaptiveAnswer:
-        model, controller = self.model, self.controller
+        controller = self.controller
         start = time.perf_counter()
         q, gv, sizes, glob_tokens = self._features(sample)
         self._sync()
@@ -150,11 +141,8 @@ class AdaptiveInference:
         t_decision = _ms(t)
 
         clock = StageClock(self.backend.device)
-        with clock.stage("vision"), apply_knobs(model, KnobConfig(first.tier, self.full.top_k, self.full.num_active_blocks),
-                                                self.space, self.backend.drop_order):
-            crops, grid = model.preprocess(sample.image)
-            tiles = model.encode_views(crops[None, 1:].to(model.device), model.layout_ids(grid)[1:])
-            vision_tokens = torch.cat([glob_tokens, tiles], dim=1)
+        with clock.stage("vision"):
+            vision_tokens = self.backend.encode_tier(sample, first.tier, glob_tokens)
         self._sync()
 
         t = time.perf_counter()
@@ -163,12 +151,9 @@ class AdaptiveInference:
         final = self._config(decision.index)
         t_guardrail = _ms(t)
 
-        limit = sample.max_new_tokens
-        with apply_knobs(model, final, self.space, self.backend.drop_order):
-            generated, _ = model.generate_from_vision(vision_tokens, sample.question, limit, clock=clock)
+        generated = self.backend.generate_from_vision(vision_tokens, sample, final, sample.max_new_tokens, clock)
         stages = clock.durations_ms()
-        eos = model.tokenizer.eos_token_id
-        text = model.decode(generated[: generated.index(eos)] if eos in generated else generated)
+        text = self.backend.decode_answer(generated)
 
         t = time.perf_counter()
         measured = {"vision": sum(stages["vision"]), "prefill": sum(stages["prefill"]), "decode": sum(stages.get("decode", []))}
@@ -197,7 +182,7 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def answer_static(backend: BaseVLMBackend, sample: VQASample, config: KnobConfig, budget_ms: float) -> dict[str, object]:
+def answer_static(backend: StagedVLM, sample: VQASample, config: KnobConfig, budget_ms: float) -> dict[str, object]:
     """A yardstick's answer (a fixed config) to the same request, timed the same way (wall time)."""
     start = time.perf_counter()
     result = backend.answer(sample, config)
