@@ -113,17 +113,17 @@ def test_the_guardrail_keeps_a_fitting_config_and_steps_down_within_the_tier_oth
 
 
 # --- the request path ------------------------------------------------------------------------------
-def _toy_controller(directory, estimator, options: dict[str, list]) -> str:
-    """A supervised controller trained on toy data with the base VLM's feature widths (96 + 96)."""
+def _toy_controller(directory, estimator, options: dict[str, list], width: int = 96, space_name: str = BASE_VLM_SPACE.name) -> str:
+    """A supervised controller trained on toy data with feature widths `width` + `width` (the base VLM's 96)."""
     grid = config_grid(options)
     rng = np.random.default_rng(0)
     n = 60
     latency = np.tile(10.0 + 4 * grid["tier_index"].to_numpy() + grid["top_k"].to_numpy() / 2, (n, 1))
-    arrays = ControllerArrays([f"toy:train:{i}" for i in range(n)], rng.normal(size=(n, 96)).astype(np.float32),
-                              rng.normal(size=(n, 96)).astype(np.float32), rng.uniform(size=(n, len(grid))), latency,
+    arrays = ControllerArrays([f"toy:train:{i}" for i in range(n)], rng.normal(size=(n, width)).astype(np.float32),
+                              rng.normal(size=(n, width)).astype(np.float32), rng.uniform(size=(n, len(grid))), latency,
                               latency.copy())
-    rule = Rule(fit_output_length(rng.normal(size=(8, 96)), np.full(8, 2.0)), 1.0, 0.97, 0)
-    trained = train_controller(arrays, rule, estimator, options, BASE_VLM_SPACE.name, 26.0,
+    rule = Rule(fit_output_length(rng.normal(size=(8, width)), np.full(8, 2.0)), 1.0, 0.97, 0)
+    trained = train_controller(arrays, rule, estimator, options, space_name, 26.0,
                                TrainingConfig(num_epochs=2, stage="supervised"))
     return str(trained.controller.save(directory / "controller"))
 
@@ -150,6 +150,31 @@ def test_an_adaptive_answer_is_the_plain_answer_of_the_config_it_used(controller
         assert parts + answer.T_prefill_ms + answer.T_decode_ms <= answer.T_total_ms + 1e-6
         assert answer.overhead_ms == pytest.approx(answer.T_decision_ms + answer.T_guardrail_ms + answer.T_calibration_ms)
     assert session.calibration.factor("prefill") != controller.latency_factor  # it learned from the requests
+
+
+def test_adaptive_inference_runs_on_the_molmoe_arch_backend_as_on_the_base_vlm(tmp_path):
+    """The same request path on molmoe_arch (tiny, CPU): features, tier vision and generation come from
+    the backend's stages, and the answer is the backend's own answer of the config used."""
+    from core.control.decision import LearnedController
+    from core.knobs import MOLMOE_SPACE
+    from core.vlm.molmoe_arch import MolmoeArchBackend
+
+    torch.set_num_threads(1)
+    options = knob_options(MOLMOE_SPACE)
+    table = synthetic_profile(num_samples=6, num_runs=2, space=MOLMOE_SPACE, noise=0.02)
+    molmoe_estimator, _ = train_estimator(table, table, EstimatorConfig(num_epochs=5, hidden_width=16, depth=1))
+    backend = MolmoeArchBackend(size="tiny", device="cpu", seed=2)
+    controller = LearnedController.load(_toy_controller(tmp_path, molmoe_estimator, options, width=backend.dims.d_model,
+                                                        space_name=MOLMOE_SPACE.name))
+    session = AdaptiveInference(backend, controller, Guardrail(molmoe_estimator, options, controller.prior_accuracy),
+                                OnlineCalibration(controller.latency_factor, min_count=1))
+    for budget in (1e6, 1e-3):
+        sample = make_sample("synth_countvqa", "test", 1)
+        answer = session.answer(sample, budget)
+        config = KnobConfig(answer.tier, answer.top_k, answer.num_active_blocks)
+        assert answer.text == backend.answer(sample, config).text
+        assert answer.output_tokens == backend.answer(sample, config).output_tokens
+    assert not answer.fits  # no config fits 1 µs: answered with the fastest in the tier, flagged
 
 
 def test_the_background_load_is_gone_after_the_block_whatever_the_exit():
