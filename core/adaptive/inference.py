@@ -83,7 +83,7 @@ def _ms(start: float) -> float:
 
 
 class AdaptiveInference:
-    """Answers requests adaptively (module doc) with a base VLM, a controller, a guardrail and a calibration."""
+    """Answers requests adaptively (module doc) with a stage-by-stage backend, a controller, a guardrail and a calibration."""
 
     def __init__(self, backend: StagedVLM, controller: LearnedController, guardrail: Guardrail,
                  calibration: OnlineCalibration, l_full_ms: float | None = None) -> None:
@@ -96,7 +96,6 @@ class AdaptiveInference:
         grid = grid_arrays(controller.options)
         self.configs = [KnobConfig(str(t), int(k), int(b))  # by grid index: no numpy indexing per request
                         for t, k, b in zip(grid["tier"], grid["top_k"], grid["num_active_blocks"])]
-        self.full = self.space.full()
 
     def _sync(self) -> None:
         if self.backend.device.type == "cuda":

@@ -135,16 +135,14 @@ def _groups(keys: Sequence[tuple], batch_size: int) -> list[list[int]]:
     return [idx[s:s + batch_size] for idx in by_key.values() for s in range(0, len(idx), batch_size)]
 
 
-def sample_features(backend: StagedVLM, samples: Sequence[VQASample], batch_size: int = 128,
-                    splits: Sequence[str] | None = None, progress: bool = False) -> pd.DataFrame:
+def sample_features(backend: StagedVLM, samples: Sequence[VQASample], batch_size: int = 128) -> pd.DataFrame:
     """One row per sample, in order: SAMPLE_COLUMNS, crops_<tier> / vision_tokens_<tier>, q_emb_* (the
     mean of the decoder's input embeddings of the question's words) and gv_* (the mean over the global
     view's vision tokens as `encode_crops` emits them: the view is the same crop at every tier, so a
-    controller knows it before the tier decision). Float features are float32. `splits` names each
-    sample's split (default: the one in its id). The base VLM is batched here; any other backend gives
+    controller knows it before the tier decision). Float features are float32. The base VLM is batched here; any other backend gives
     its `request_features` one request at a time (what adaptive inference reads)."""
     if not isinstance(backend, BaseVLMBackend):
-        return _staged_features(backend, samples, splits, progress)
+        return _staged_features(backend, samples)
     model, space = backend.model, backend.space
     n, d, per_crop = len(samples), model.config.d_model, space.tokens_per_crop
     question_ids = [model.question_ids(s.question) for s in samples]
@@ -167,15 +165,15 @@ def sample_features(backend: StagedVLM, samples: Sequence[VQASample], batch_size
         for idx in _groups([(len(q),) for q in question_ids], batch_size):
             ids = torch.tensor([question_ids[i] for i in idx], dtype=torch.long, device=model.device)
             q_emb[idx] = embed(ids).mean(1).float().cpu().numpy()
-    return _features_frame(samples, splits, [len(q) + 2 for q in question_ids], crops, per_crop, q_emb, gv)
+    return _features_frame(samples, [len(q) + 2 for q in question_ids], crops, per_crop, q_emb, gv)
 
 
-def _features_frame(samples: Sequence[VQASample], splits: Sequence[str] | None, text_tokens: Sequence[int],
+def _features_frame(samples: Sequence[VQASample], text_tokens: Sequence[int],
                     crops: dict[str, np.ndarray], per_crop: int, q_emb: np.ndarray, gv: np.ndarray) -> pd.DataFrame:
     d = q_emb.shape[1]
     frame = pd.DataFrame({
         "sample_id": [s.sample_id for s in samples], "dataset": [s.dataset for s in samples],
-        "split": list(splits) if splits is not None else [s.sample_id.split(":")[1] for s in samples],
+        "split": [s.sample_id.split(":")[1] for s in samples],
         "task": [s.task for s in samples], "question": [s.question for s in samples], "text_tokens": list(text_tokens),
     })
     for tier in TIERS:
@@ -186,14 +184,12 @@ def _features_frame(samples: Sequence[VQASample], splits: Sequence[str] | None, 
     return pd.concat([frame, features], axis=1)
 
 
-def _staged_features(backend: StagedVLM, samples: Sequence[VQASample], splits: Sequence[str] | None,
-                     progress: bool) -> pd.DataFrame:
-    rows = [backend.request_features(s) for s in tqdm(samples, desc="features", unit="sample", leave=False,
-                                                        disable=not progress)]
+def _staged_features(backend: StagedVLM, samples: Sequence[VQASample]) -> pd.DataFrame:
+    rows = [backend.request_features(s) for s in samples]
     q_emb = np.stack([r.question_embedding for r in rows]).astype(np.float32)
     gv = np.stack([r.global_view_mean for r in rows]).astype(np.float32)
     crops = {tier: np.array([r.crops[tier] for r in rows], dtype=np.int64) for tier in TIERS}
-    return _features_frame(samples, splits, [r.text_tokens for r in rows], crops, backend.space.tokens_per_crop, q_emb, gv)
+    return _features_frame(samples, [r.text_tokens for r in rows], crops, backend.space.tokens_per_crop, q_emb, gv)
 
 
 def _greedy(backend: BaseVLMBackend, embeds: torch.Tensor, max_new_tokens: Sequence[int]) -> list[list[int]]:

@@ -120,9 +120,14 @@ def _to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return (arr - _CLIP_MEAN) / _CLIP_STD  # (H, W, 3)
 
 
+def global_view_pixels(image: Image.Image, crop_size: int) -> torch.Tensor:
+    """(3, S, S): the whole image resized to one crop, CLIP-normalised (the same at every tier)."""
+    return torch.from_numpy(_to_pixels(image, (crop_size, crop_size))).permute(2, 0, 1)
+
+
 def image_crops(image: Image.Image, rows: int, cols: int, crop_size: int) -> torch.Tensor:
     """(1 + rows*cols, 3, S, S): the global view (whole image resized) then the tiles, row-major."""
-    whole = torch.from_numpy(_to_pixels(image, (crop_size, crop_size))).permute(2, 0, 1)
+    whole = global_view_pixels(image, crop_size)
     grid = torch.from_numpy(_to_pixels(image, (cols * crop_size, rows * crop_size))).permute(2, 0, 1)
     return torch.cat([whole[None], cut_tiles(grid, rows, cols, crop_size)])
 
@@ -428,8 +433,7 @@ class MolmoeArchBackend:
         encoded alone, the prompt's text tokens and each tier's tiles from the image size."""
         ids = self.prompt_ids(sample.question)
         embedded = self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.device))
-        size = self.dims.image_size
-        whole = torch.from_numpy(_to_pixels(sample.image, (size, size))).permute(2, 0, 1)[None]
+        whole = global_view_pixels(sample.image, self.dims.image_size)[None]
         global_view = self._encode_crops(whole.to(self.device, self.dtype))
         crops = {tier: int(np.prod(self.crops_for(sample.image, tier))) for tier in TIERS}
         return RequestFeatures(embedded.mean(0).float().cpu().numpy(), global_view, len(ids), crops)

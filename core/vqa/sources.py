@@ -54,15 +54,6 @@ def load_mixed(datasets: Sequence[str], split: str, num_samples: int, seed: int,
     return [s for name in datasets for s in load_samples(name, split, num_samples, seed, data_root)]
 
 
-def load_range(dataset: str, split: str, start: int, stop: int, data_root: str) -> list[VQASample]:
-    """Samples [start, stop) of `split` of `dataset` (the suite's, or the real file's question order under
-    `data_root`; a real split is read as named, 'test' included, with no 'test' -> 'val' mapping)."""
-    root = check_data_root(data_root)
-    if root is None:
-        return [suite.make_sample(dataset, split, i) for i in range(start, stop)]
-    return real_data.load_real_split(root, dataset, split, indices=range(start, stop))
-
-
 def samples_from_ids(sample_ids: Sequence[str], data_root: str) -> list[VQASample]:
     """The samples "<dataset>:<split>:<index>" in `sample_ids` order, rebuilt from the suite or read from
     the real files under `data_root` (one file read per data set and split). ValueError (one line naming
