@@ -19,11 +19,13 @@ from core.adaptive.experiment import (CalibrationSettings, ExperimentSettings, R
 from core.control.decision import describe_rule
 from core.profiling.store import ProfileStore
 from core.vqa.sample import samples_frame
-from core.vqa.suite import DATASETS, SPLITS
+from core.vqa import sources
+from core.vqa.suite import SPLITS
 from tracking.adaptive_model import ResolvedModels, log_run_results, log_served_model, resolve_models
 from tracking.artifacts import log_dataset_input
 from tracking.cli import ParameterError, comma_list, number_list
 from tracking.controller_models import MODEL_NAME as CONTROLLER_MODEL
+from tracking.model_refs import VLMReference
 from tracking.entry_point import EntryPoint
 from tracking.store import ADAPTIVE_VLM_STUDY
 
@@ -32,10 +34,13 @@ from tracking.store import ADAPTIVE_VLM_STUDY
 class Params:
     """Answer live requests adaptively under a latency budget with the promoted models."""
 
-    model_path: str = "models:/base-vlm@champion"  # the base VLM: registry URI or checkpoint directory
+    model_path: str = "models:/base-vlm@champion"  # base_vlm: registry URI or checkpoint directory; molmoe_arch: a MolmoE-1B release directory
+    backend: str = "base_vlm"  # base_vlm | molmoe_arch (the backend the controller was trained on)
+    engine: str = "eager"  # molmoe_arch: eager | graph | fused (CUDA-graph replay; graph and fused need device=cuda)
+    data_root: str = ""  # the real benchmarks' files (the measured table's requests); '' = the synthetic suite
     controller_path: str = f"models:/{CONTROLLER_MODEL}@champion"  # models:/ URI, trainer run id or directory
     estimator: str = "models:/latency-estimator@champion"  # the guardrail's estimator; '' = the controller's own
-    dataset: str = ""  # comma-separated data sets of the suite ('' = all)
+    dataset: str = ""  # comma-separated data sets: the suite's, or with data_root the real ones ('' = all)
     split: str = "test"
     request_source: str = "heldout"  # heldout: measured_table's held-out samples (evaluate_controller's) | split: the suite split's first samples
     num_samples: int = 30  # requests per data set (heldout: at most the table's held-out samples of each)
@@ -72,7 +77,7 @@ def check(params: Params) -> None:
         raise ParameterError(f"parameter split must be one of {list(SPLITS)}, got {params.split!r}")
     if params.num_threads < 1:
         raise ParameterError(f"parameter num_threads must be >= 1, got {params.num_threads}")
-    comma_list(params.dataset, "dataset", DATASETS)
+    comma_list(params.dataset, "dataset", sources.dataset_choices(params.data_root))
 
 
 def prepare(params: Params) -> Prepared:
@@ -82,11 +87,13 @@ def prepare(params: Params) -> Prepared:
         CalibrationSettings(params.calibration_window, params.calibration_quantile, params.calibration_method),
         params.compare, params.contention, params.contention_fraction, params.contention_workers,
         params.contention_duty)
-    models = resolve_models(params.model_path, params.controller_path, params.estimator, params.importance, params.device)
+    vlm = VLMReference(params.backend, params.model_path, params.engine, params.device)
+    models = resolve_models(vlm, params.controller_path, params.estimator, params.importance)
     table = ProfileStore(params.measured_table).load() if params.compare or params.request_source == "heldout" else None
     plan = plan_requests(params.request_source, table, params.measured_table, models.backend.space, params.calibration_seed,
-                         comma_list(params.dataset, "dataset", DATASETS), DATASETS, params.split, params.num_samples,
-                         params.warmup, params.seed, settings)
+                         comma_list(params.dataset, "dataset", sources.dataset_choices(params.data_root)),
+                         sources.dataset_choices(params.data_root), params.split, params.num_samples,
+                         params.warmup, params.seed, settings, params.data_root)
     return Prepared(models, plan, settings)
 
 
@@ -94,7 +101,8 @@ def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict
     torch.set_num_threads(params.num_threads)
     plan, models = prepared.plan, prepared.models
     log_dataset_input(samples_frame(plan.requests), "measured-table-heldout" if plan.heldout else f"synthetic-vqa-{params.split}",
-                      params.split, {"generator": "core.vqa.suite", "order_seed": str(params.seed),
+                      params.split, {"generator": f"real files under {params.data_root}" if params.data_root else "core.vqa.suite",
+                                     "order_seed": str(params.seed),
                                      "request_source": params.request_source, "measured_table": params.measured_table})
     if plan.heldout is not None:
         mlflow.log_params({**plan.heldout.setup.split.as_params(), "requests_per_run": len(plan.requests)})

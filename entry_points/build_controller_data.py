@@ -1,5 +1,6 @@
-"""Entry point `build_controller_data`: the accuracy of every knob config on the suite's train and val
-samples, with the features a controller may read and the champion estimator's latency (the data every
+"""Entry point `build_controller_data`: the accuracy of every knob config on the train and val samples
+(the suite's, or with `data_root` the real benchmarks' train files), answered by the base VLM or a local
+MolmoE-1B release (`backend=molmoe_arch -P model_path=DIR`), with the features a controller may read and the champion estimator's latency (the data every
 controller trains on; layout in core/control/data.py). Resumable: a rerun skips finished chunks."""
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from core.control.data import (GRID_FILE, MANIFEST_FILE, SAMPLES_FILE, SPLITS, C
 from core.knobs import KNOBS
 from core.latency.estimator import LatencyEstimator
 from core.vlm.backend import VLMBackend
-from core.vlm.registry import load_backend
+from core.vqa import sources
 from core.vqa.suite import DATASETS
 from tracking.artifacts import frame_digest, log_dataset_input
 from tracking.cli import ParameterError, comma_list, config_from_params
 from tracking.entry_point import EntryPoint
 from tracking.estimator_refs import MODEL_NAME, EstimatorReferenceError, resolve_estimator
-from tracking.model_refs import resolve_base_model_dir
+from tracking.model_refs import VLMReference
 from tracking.run_context import set_data_digest
 from tracking.store import ADAPTIVE_VLM_STUDY
 
@@ -35,11 +36,15 @@ _D = ControllerDataConfig()  # the defaults live in core
 class Params:
     """Build the controller data: accuracy grid, features and estimator latency of the train/val samples."""
 
-    base_model: str = "data/base_vlm"  # a checkpoint directory or a registry URI (models:/base-vlm@champion)
+    base_model: str = "data/base_vlm"  # backend=base_vlm: a checkpoint directory or a registry URI (models:/base-vlm@champion)
+    backend: str = "base_vlm"  # base_vlm | molmoe_arch (needs model_path)
+    model_path: str = ""  # molmoe_arch: a local MolmoE-1B release directory (config.json, *.safetensors, tokenizer.json)
+    engine: str = "eager"  # molmoe_arch: eager | graph | fused (the answers are the same; graph and fused need CUDA)
+    data_root: str = ""  # a directory holding the real benchmarks in their published layouts; '' = the synthetic suite
     estimator: str = f"models:/{MODEL_NAME}@champion"  # a models:/ URI, a train_estimator run id or a checkpoint file
-    dataset_names: str = ",".join(DATASETS)  # comma-separated data sets of the suite
+    dataset_names: str = ",".join(DATASETS)  # comma-separated data sets: the suite's, or with data_root text_vqa,coco_2014_vqa,okvqa
     train_samples: int = _D.train_samples  # per data set: the first N of its train split
-    val_samples: int = _D.val_samples  # per data set: the first N of its val split
+    val_samples: int = _D.val_samples  # per data set: the first N of its val split (with data_root: the next N of its train file)
     output_dir: str = "outputs/controller_data"  # samples.parquet, grid.parquet, manifest.json, parts/ (a rerun resumes)
     batch_size: int = _D.batch_size  # prompts per decoder forward
     chunk_size: int = _D.chunk_size  # samples per part file
@@ -60,10 +65,17 @@ def prepare(params: Params) -> Prepared:
         raise ParameterError(f"num_threads must be >= 1, got {params.num_threads}")
     if params.device.startswith("cuda") and not torch.cuda.is_available():
         raise ParameterError(f"device={params.device!r}: CUDA is not available on this machine")
-    datasets = comma_list(params.dataset_names, "dataset_names", DATASETS, allow_empty=False)
+    names = params.dataset_names
+    if params.data_root and names == Params.dataset_names:  # the suite's default names mean "all" here
+        names = ",".join(sources.dataset_choices(params.data_root))
+    datasets = comma_list(names, "dataset_names", sources.dataset_choices(params.data_root), allow_empty=False)
     config = config_from_params(ControllerDataConfig, params, dataset_names=tuple(datasets))
     torch.set_num_threads(params.num_threads)
-    backend = load_backend("base_vlm", params.device, checkpoint_dir=str(resolve_base_model_dir(params.base_model)))
+    if params.model_path and params.backend != "molmoe_arch":
+        raise ParameterError(f"model_path applies to backend=molmoe_arch (a MolmoE-1B release directory), "
+                             f"not backend={params.backend}")
+    backend = VLMReference(params.backend, params.base_model if params.backend == "base_vlm" else params.model_path,
+                           params.engine, params.device).load()
     try:
         estimator = resolve_estimator(params.estimator).estimator
     except EstimatorReferenceError as exc:
@@ -77,7 +89,9 @@ def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict
     """Build (or resume) the data; log its files, inputs, digest, row counts and full-config accuracy."""
     out = Path(params.output_dir)
     built = build_controller_data(prepared.backend, out, prepared.config, prepared.estimator,
-                                  sources={"base_model": params.base_model, "estimator": params.estimator})
+                                  sources={"base_model": params.base_model if params.backend == "base_vlm" else params.model_path,
+                                           "backend": params.backend, "data_root": params.data_root,
+                                           "estimator": params.estimator})
     samples, grid = (pd.read_parquet(out / name) for name in (SAMPLES_FILE, GRID_FILE))
     set_data_digest(frame_digest(grid[["sample_id", *KNOBS, "accuracy"]]))
     for name in (SAMPLES_FILE, GRID_FILE, MANIFEST_FILE):

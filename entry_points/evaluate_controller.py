@@ -18,7 +18,7 @@ from core.control.scoring import ADHERENCE_TARGET
 from tracking.artifacts import log_csv, log_figure
 from tracking.cli import number_list
 from tracking.controller_models import MODEL_NAME, resolve_controller
-from tracking.controller_runs import MeasuredInputs, measured_inputs, score_controller
+from tracking.controller_runs import MeasuredInputs, measured_inputs, score_controller, vlm_reference
 from tracking.entry_point import EntryPoint
 from tracking.store import ADAPTIVE_VLM_STUDY
 
@@ -29,7 +29,10 @@ class Params:
 
     controller: str = f"models:/{MODEL_NAME}@champion"  # models:/ URI (alias or version), trainer run id or directory
     measured_table: str = "data/profiles/cpu-base-vlm"  # measured test-split profile
-    model_path: str = "data/base_vlm"  # the base VLM (directory or models:/ URI): features of the measured samples
+    model_path: str = "data/base_vlm"  # base_vlm: directory or models:/ URI; molmoe_arch: a MolmoE-1B release directory
+    backend: str = "base_vlm"  # the VLM whose features the controller reads: base_vlm | molmoe_arch (the controller data's)
+    data_root: str = ""  # the real benchmarks' files the measured table answered; '' = the synthetic suite
+    vlm_device: str = "cpu"  # where the VLM computes the measured samples' features (cuda for MolmoE-1B)
     calibration_seed: int = 0  # of the 70/30 calibration/held-out split (the trainer's, to score unseen samples)
     budget_fractions: str = ""  # extra budget fractions, comma-separated (0.5 ... 1.0 always)
 
@@ -43,8 +46,9 @@ class Prepared:
 
 def prepare(params: Params) -> Prepared:
     controller, source_run = resolve_controller(params.controller)
-    measured = measured_inputs(params.measured_table, params.model_path, params.calibration_seed,
-                               number_list(params.budget_fractions, "budget_fractions"), controller_options=controller.options)
+    measured = measured_inputs(params.measured_table, vlm_reference(params.backend, params.model_path, params.vlm_device),
+                               params.calibration_seed, number_list(params.budget_fractions, "budget_fractions"),
+                               controller_options=controller.options, data_root=params.data_root)
     return Prepared(controller, source_run, measured)
 
 

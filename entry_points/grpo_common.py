@@ -13,7 +13,7 @@ from core.control.grpo import GRPOConfig
 from core.control.reward import REWARD_KINDS, RewardConfig
 from tracking.cli import ParameterError, config_from_params, number_list
 from tracking.controller_models import MODEL_NAME, resolve_controller
-from tracking.controller_runs import TrainingInputs, train_grpo_and_register, training_inputs
+from tracking.controller_runs import TrainingInputs, train_grpo_and_register, training_inputs, vlm_reference
 from tracking.entry_point import EpochHook
 from tracking.registry import Promotion
 from tracking.tuning import CategoricalParam, FloatParam, Objective, Tuning
@@ -55,7 +55,10 @@ class GRPOParams:
     num_threads: int = 1  # torch threads (small nets: one is fastest on a busy machine)
     estimator: str = "models:/latency-estimator@champion"  # a models:/ URI, train_estimator run id or checkpoint file
     measured_table: str = "data/profiles/cpu-base-vlm"  # measured test-split profile: calibration + held-out scores
-    model_path: str = "data/base_vlm"  # the base VLM (directory or models:/ URI): features of the measured samples
+    model_path: str = "data/base_vlm"  # base_vlm: directory or models:/ URI; molmoe_arch: a MolmoE-1B release directory
+    backend: str = "base_vlm"  # the VLM whose features the controller reads: base_vlm | molmoe_arch (the controller data's)
+    data_root: str = ""  # the real benchmarks' files the measured table answered; '' = the synthetic suite
+    vlm_device: str = "cpu"  # where the VLM computes the measured samples' features (cuda for MolmoE-1B)
     calibration_seed: int = 0  # of the measured table's 70/30 calibration/held-out split
     latency_quantile: float = LATENCY_QUANTILE  # the fit check: calibration runs' quantile of measured / predicted T_total
     budget_fractions: str = ""  # extra budget fractions to score, comma-separated (0.5 ... 1.0 always)
@@ -84,9 +87,10 @@ def check_grpo(params: GRPOParams, config: GRPOConfig) -> None:
 
 def grpo_inputs(params: GRPOParams, data_dir: str, estimator: str | None = None,
                 dataset_names: list[str] | None = None) -> TrainingInputs:
-    return training_inputs(data_dir, params.model_path, estimator or params.estimator, params.measured_table,
+    vlm = vlm_reference(params.backend, params.model_path, params.vlm_device)
+    return training_inputs(data_dir, vlm, estimator or params.estimator, params.measured_table,
                            params.calibration_seed, number_list(params.budget_fractions, "budget_fractions"),
-                           dataset_names)
+                           dataset_names, params.data_root)
 
 
 def stage1_net(reference: str, parameter: str):

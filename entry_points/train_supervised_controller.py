@@ -14,7 +14,7 @@ from core.control.decision import LATENCY_QUANTILE
 from core.control.supervised import TrainingConfig
 from tracking.cli import config_from_params, number_list
 from tracking.controller_models import MODEL_NAME
-from tracking.controller_runs import TrainingInputs, headline, train_and_register, training_inputs
+from tracking.controller_runs import TrainingInputs, headline, train_and_register, training_inputs, vlm_reference
 from tracking.entry_point import EntryPoint, EpochHook
 from tracking.registry import Promotion
 from tracking.store import ADAPTIVE_VLM_STUDY
@@ -42,7 +42,10 @@ class Params:
     hidden_width: int = _D.hidden_width
     estimator: str = "models:/latency-estimator@champion"  # a models:/ URI, train_estimator run id or checkpoint file
     measured_table: str = "data/profiles/cpu-base-vlm"  # measured test-split profile: calibration + held-out scores
-    model_path: str = "data/base_vlm"  # the base VLM (directory or models:/ URI): features of the measured samples
+    model_path: str = "data/base_vlm"  # base_vlm: directory or models:/ URI; molmoe_arch: a MolmoE-1B release directory
+    backend: str = "base_vlm"  # the VLM whose features the controller reads: base_vlm | molmoe_arch (the controller data's)
+    data_root: str = ""  # the real benchmarks' files the measured table answered; '' = the synthetic suite
+    vlm_device: str = "cpu"  # where the VLM computes the measured samples' features (cuda for MolmoE-1B)
     calibration_seed: int = 0  # of the measured table's 70/30 calibration/held-out split
     latency_quantile: float = LATENCY_QUANTILE  # the fit check: calibration runs' quantile of measured / predicted T_total
     budget_fractions: str = ""  # extra budget fractions to score, comma-separated (0.5 ... 1.0 always)
@@ -62,8 +65,10 @@ def check(params: Params) -> None:
 
 
 def prepare(params: Params) -> TrainingInputs:
-    return training_inputs(params.profiling_results, params.model_path, params.estimator, params.measured_table,
-                           params.calibration_seed, number_list(params.budget_fractions, "budget_fractions"))
+    vlm = vlm_reference(params.backend, params.model_path, params.vlm_device)
+    return training_inputs(params.profiling_results, vlm, params.estimator, params.measured_table,
+                           params.calibration_seed, number_list(params.budget_fractions, "budget_fractions"),
+                           data_root=params.data_root)
 
 
 def execute(params: Params, prepared: TrainingInputs, epoch_hook: EpochHook | None = None) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The served adaptive VLM: `models:/adaptive-vlm@champion`, the three champions behind one endpoint.
 
-`log_adaptive_vlm` bundles the base VLM checkpoint, the budget controller and the latency estimator an
-`adaptive_inference` run resolved (the champions, when it ran on the registry's aliases) and records
-their versions as tags of the run and of the registered version, so `mlflow models serve -m
+`log_adaptive_vlm` bundles the base VLM checkpoint (or, for a MolmoE-1B release, a reference to its
+directory: `tracking.model_refs.VLMReference.served_artifacts`), the budget controller and the latency
+estimator an `adaptive_inference` run resolved (the champions, when it ran on the registry's aliases)
+and records their versions as tags of the run and of the registered version, so `mlflow models serve -m
 models:/adaptive-vlm@champion --env-manager local` needs no tracking store. Each server process keeps
 its own online calibration across requests.
 
@@ -27,7 +28,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 
 from tracking.models import log_pyfunc_model
-from tracking.model_refs import BASE_VLM_ARTIFACT
+from tracking.model_refs import VLMReference
 
 MODEL_NAME = "adaptive-vlm"
 CONTROLLER_ARTIFACT, ESTIMATOR_ARTIFACT = "controller", "estimator.pt"
@@ -44,18 +45,17 @@ class AdaptiveVLMPyfunc(mlflow.pyfunc.PythonModel):
     """Adaptive inference behind a pyfunc (module doc)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self._build(context.artifacts[BASE_VLM_ARTIFACT], context.artifacts[CONTROLLER_ARTIFACT],
-                    context.artifacts[ESTIMATOR_ARTIFACT])
+        self._build(dict(context.artifacts), context.artifacts[CONTROLLER_ARTIFACT], context.artifacts[ESTIMATOR_ARTIFACT])
 
-    def _build(self, base_vlm_dir: str, controller_dir: str, estimator_file: str) -> None:
+    def _build(self, vlm_artifacts: dict[str, str], controller_dir: str, estimator_file: str) -> None:
         from core.adaptive.calibration import OnlineCalibration
         from core.adaptive.guardrail import Guardrail
         from core.adaptive.inference import AdaptiveInference, freeze_heap
         from core.control.decision import LearnedController
         from core.latency.estimator import LatencyEstimator
-        from core.vlm.base_vlm import BaseVLMBackend
+        from tracking.model_refs import served_vlm
 
-        backend = BaseVLMBackend.from_pretrained(base_vlm_dir)
+        backend = served_vlm(vlm_artifacts)
         controller = LearnedController.load(controller_dir)
         guardrail = Guardrail(LatencyEstimator.load(estimator_file), controller.options, controller.prior_accuracy)
         self.session = AdaptiveInference(backend, controller, guardrail, OnlineCalibration(controller.latency_factor))
@@ -96,17 +96,18 @@ class AdaptiveVLMPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=list(RESPONSE_COLUMNS))
 
 
-def log_adaptive_vlm(base_vlm_dir: str, controller_dir: str, estimator_file: str, versions: dict[str, str],
+def log_adaptive_vlm(vlm: VLMReference, controller_dir: str, estimator_file: str, versions: dict[str, str],
                      example: pd.DataFrame, register: bool) -> int | None:
     """Log the pyfunc `adaptive_model` of this run (and register it as MODEL_NAME, alias champion, when
     `register`); `versions` ({"base_model": "base-vlm/1", ...}, '' for a path) become tags."""
     tags = {f"{key}_version": value or "path" for key, value in versions.items()}
     mlflow.set_tags({f"adaptive_vlm_{k}": v for k, v in tags.items()})
+    vlm_artifacts = vlm.served_artifacts(Path(controller_dir).parent)
     model = AdaptiveVLMPyfunc()
-    model._build(base_vlm_dir, controller_dir, estimator_file)
+    model._build(vlm_artifacts, controller_dir, estimator_file)
     version = log_pyfunc_model(
         "adaptive_model", AdaptiveVLMPyfunc(),
-        {BASE_VLM_ARTIFACT: base_vlm_dir, CONTROLLER_ARTIFACT: controller_dir, ESTIMATOR_ARTIFACT: estimator_file},
+        {**vlm_artifacts, CONTROLLER_ARTIFACT: controller_dir, ESTIMATOR_ARTIFACT: estimator_file},
         example, model.predict(None, example), registered_model_name=MODEL_NAME if register else None,
         extra_requirements=("transformers", "pillow", "safetensors", "tokenizers"))
     if version is not None:
@@ -121,30 +122,29 @@ def log_adaptive_vlm(base_vlm_dir: str, controller_dir: str, estimator_file: str
 class ResolvedModels:
     """The three models an adaptive run uses, and the registry versions they came from ('' for a path)."""
 
-    backend: Any  # core.vlm.base_vlm.BaseVLMBackend
-    base_model_dir: str
+    backend: Any  # core.vlm.backend.StagedVLM
+    vlm: VLMReference
     controller: Any  # core.control.decision.LearnedController
     estimator: Any  # core.latency.estimator.LatencyEstimator
     versions: dict[str, str]
 
 
-def resolve_models(model_path: str, controller_path: str, estimator_ref: str, importance: str = "",
-                   device: str = "cpu") -> ResolvedModels:
-    """Load the base VLM, controller and estimator references (models:/ URIs, run ids or paths; an empty
+def resolve_models(vlm: VLMReference, controller_path: str, estimator_ref: str, importance: str = "") -> ResolvedModels:
+    """Load the VLM, controller and estimator references (models:/ URIs, run ids or paths; an empty
     `estimator_ref` = the controller's own); ValueError in one line for a missing alias or version, or
-    a controller trained on another knob space than the base VLM's."""
+    a controller trained on another knob space than the VLM's. A MolmoE-1B release's version is
+    "release:<directory>": the user's own files, never in the registry."""
     from core.control.decision import ControllerError
     from core.control.policies import knob_options
-    from core.vlm.base_vlm import BaseVLMBackend
     from tracking.controller_models import resolve_controller
     from tracking.estimator_refs import resolve_estimator
-    from tracking.model_refs import resolve_base_model_dir, resolve_drop_order
+    from tracking.model_refs import resolve_drop_order
     from tracking.registry import resolved_version
 
-    versions = {key: resolved_version(ref) for key, ref in
-                (("base_model", model_path), ("controller", controller_path), ("estimator", estimator_ref))}
-    base_model_dir = str(resolve_base_model_dir(model_path))
-    backend = BaseVLMBackend.from_pretrained(base_model_dir, device)
+    versions = {key: resolved_version(ref) for key, ref in (("controller", controller_path), ("estimator", estimator_ref))}
+    versions["base_model"] = (resolved_version(vlm.model_path) if vlm.backend == "base_vlm"
+                              else f"release:{Path(vlm.model_path).resolve()}")
+    backend = vlm.load()
     if (order := resolve_drop_order(importance, backend.space.num_blocks)) is not None:
         backend.set_drop_order(order)
     controller, _ = resolve_controller(controller_path)
@@ -152,12 +152,13 @@ def resolve_models(model_path: str, controller_path: str, estimator_ref: str, im
         raise ControllerError(f"controller_path={controller_path!r}: its knob space {controller.options} is not "
                               f"the base VLM's {knob_options(backend.space)}")
     estimator = resolve_estimator(estimator_ref).estimator if estimator_ref else controller.estimator
-    return ResolvedModels(backend, base_model_dir, controller, estimator, versions)
+    return ResolvedModels(backend, vlm, controller, estimator, versions)
 
 
 def log_served_model(models: ResolvedModels, sample, l_full_ms: float) -> int | None:
     """The three models of an adaptive_inference run behind one pyfunc; registered (and made champion)
-    only when each came from the registry, so a run on explicit paths never moves adaptive-vlm@champion."""
+    only when each came from the registry (the VLM: or is a MolmoE-1B release), so a run on explicit
+    checkpoint paths never moves adaptive-vlm@champion."""
     from tracking.pyfunc_models import encode_image
 
     example = pd.DataFrame({"image": [encode_image(sample.image)], "question": [sample.question],
@@ -165,7 +166,7 @@ def log_served_model(models: ResolvedModels, sample, l_full_ms: float) -> int | 
     with tempfile.TemporaryDirectory() as tmp:
         controller_dir = str(models.controller.save(Path(tmp) / CONTROLLER_ARTIFACT))
         estimator_file = str(models.estimator.save(Path(tmp) / ESTIMATOR_ARTIFACT))
-        version = log_adaptive_vlm(models.base_model_dir, controller_dir, estimator_file, models.versions, example,
+        version = log_adaptive_vlm(models.vlm, controller_dir, estimator_file, models.versions, example,
                                    register=all(models.versions.values()))
     if version is not None:
         mlflow.set_tag("adaptive_vlm_version", str(version))

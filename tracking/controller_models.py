@@ -8,7 +8,6 @@ A controller's run artifacts (written by `log_budget_controller`):
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -19,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from core.control.decision import CONTROLLER_FILE, LearnedController
-from tracking.model_refs import BASE_VLM_ARTIFACT
+from tracking.model_refs import VLMReference, served_vlm
 from tracking.models import log_pyfunc_model
 from tracking.registry import Promotion
 
@@ -48,7 +47,7 @@ class BudgetControllerPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.controller = LearnedController.load(context.artifacts[CONTROLLER_ARTIFACT])
         self.known = pd.read_parquet(context.artifacts[FEATURES_ARTIFACT]).set_index("sample_id")
-        self.base_vlm_dir = context.artifacts[BASE_VLM_ARTIFACT]
+        self.vlm_artifacts = dict(context.artifacts)
         self._backend = None
 
     def _features(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -61,10 +60,8 @@ class BudgetControllerPyfunc(mlflow.pyfunc.PythonModel):
         rows: list[pd.Series | None] = [self.known.loc[s] if s in self.known.index else None for s in ids]
         todo = [i for i, row in enumerate(rows) if row is None]
         if todo:
-            if self._backend is None:
-                from core.vlm.base_vlm import BaseVLMBackend
-
-                self._backend = BaseVLMBackend.from_pretrained(self.base_vlm_dir)
+            if self._backend is None:  # loaded on the first request that needs it
+                self._backend = served_vlm(self.vlm_artifacts)
             samples = []
             for i in todo:
                 image = frame["image"].iloc[i] if "image" in frame else None
@@ -84,28 +81,27 @@ class BudgetControllerPyfunc(mlflow.pyfunc.PythonModel):
         return self.controller.decide(features, frame["budget_ms"].to_numpy(dtype=float))
 
 
-def log_budget_controller(controller: LearnedController, features: pd.DataFrame, base_vlm_dir: str,
+def log_budget_controller(controller: LearnedController, features: pd.DataFrame, vlm: VLMReference,
                           registered_model_name: str | None, promotion: Promotion | None = None) -> int | None:
-    """Log `controller` as run artifact CONTROLLER_ARTIFACT and as the pyfunc `model` (bundling the base
-    VLM checkpoint, for image requests, and `features` of known samples), registering it when a name is
-    given; the run and the version are tagged controller_kind."""
+    """Log `controller` as run artifact CONTROLLER_ARTIFACT and as the pyfunc `model` (with the VLM for
+    image requests, `VLMReference.served_artifacts`, and `features` of known samples), registering it
+    when a name is given; the run and the version are tagged controller_kind."""
     mlflow.set_tag("controller_kind", controller.kind)
     with tempfile.TemporaryDirectory() as tmp:
         directory = controller.save(Path(tmp) / CONTROLLER_ARTIFACT)
         mlflow.log_artifacts(str(directory), CONTROLLER_ARTIFACT)
         known = Path(tmp) / f"{FEATURES_ARTIFACT}.parquet"
         features.assign(sample_id=features["sample_id"].astype(str)).to_parquet(known, index=False)
-        vlm = Path(tmp) / BASE_VLM_ARTIFACT
-        shutil.copytree(base_vlm_dir, vlm)
+        vlm_artifacts = vlm.served_artifacts(Path(tmp))
         example = pd.DataFrame({"sample_id": features["sample_id"].astype(str).head(3),
                                 "question": features["question"].astype(str).head(3) if "question" in features else "",
                                 "image": "", "budget_ms": controller.l_full_ms * 0.8})
         model = BudgetControllerPyfunc()
-        model.controller, model.known, model.base_vlm_dir, model._backend = (
-            controller, features.assign(sample_id=features["sample_id"].astype(str)).set_index("sample_id"), str(vlm), None)
+        model.controller, model.known, model.vlm_artifacts, model._backend = (
+            controller, features.assign(sample_id=features["sample_id"].astype(str)).set_index("sample_id"), vlm_artifacts, None)
         version = log_pyfunc_model(
             "model", BudgetControllerPyfunc(),
-            {CONTROLLER_ARTIFACT: str(directory), FEATURES_ARTIFACT: str(known), BASE_VLM_ARTIFACT: str(vlm)},
+            {CONTROLLER_ARTIFACT: str(directory), FEATURES_ARTIFACT: str(known), **vlm_artifacts},
             example, model.predict(None, example), registered_model_name=registered_model_name,
             extra_requirements=("transformers", "pillow", "safetensors", "tokenizers", "pyarrow"),
             optional_inputs=("sample_id", "image", "question"), promotion=promotion)

@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from core.control.data import load_controller_data
+from core.control.data import load_controller_data, read_manifest
 from core.control.decision import ControllerError, check_space, describe_rule
 from core.control.evaluation import (
     Evaluation,
@@ -46,40 +46,52 @@ from core.control.supervised import (
 )
 from core.latency.data import load_profile_table
 from core.latency.estimator import LatencyEstimator
-from core.vlm.base_vlm import BaseVLMBackend
+from core.vlm.backend import StagedVLM
+from core.vqa import sources
 from tracking.artifacts import frame_digest, log_csv, log_json
 from tracking.controller_models import TensorBoardWriter, log_budget_controller
 from tracking.entry_point import EpochHook
 from tracking.epoch_logging import EpochLogger, epoch_callback
 from tracking.estimator_refs import resolve_estimator
-from tracking.model_refs import resolve_base_model_dir
+from tracking.model_refs import VLMReference
 from tracking.registry import Promotion
 from tracking.run_context import note_checkpoint, set_data_digest
 
 
 @dataclass
 class MeasuredInputs:
-    """The measured table made ready, the base VLM and the features of the table's samples."""
+    """The measured table made ready, the VLM (its reference and the loaded backend) and the features of
+    the table's samples (read from `data_root` when the table answered the real benchmarks)."""
 
     setup: MeasuredSetup
-    backend: BaseVLMBackend
-    base_vlm_dir: str
+    backend: StagedVLM
+    vlm: VLMReference
+    data_root: str
     features: pd.DataFrame
 
 
-def measured_inputs(measured_table: str, model_path: str, calibration_seed: int, budget_fractions: Sequence[float],
-                    dataset_names: Sequence[str] | None = None, controller_options: dict | None = None) -> MeasuredInputs:
+def vlm_reference(backend: str, model_path: str, device: str = "cpu", engine: str = "eager") -> VLMReference:
+    """The VLM of a controller entry point's parameters (`backend`, `model_path`, ...), checked."""
+    vlm = VLMReference(backend, model_path, engine, device)
+    vlm.check()
+    return vlm
+
+
+def measured_inputs(measured_table: str, vlm: VLMReference, calibration_seed: int, budget_fractions: Sequence[float],
+                    dataset_names: Sequence[str] | None = None, controller_options: dict | None = None,
+                    data_root: str = "") -> MeasuredInputs:
     """Load and check the measured table (optionally some data sets; with `controller_options`, its knob
-    options against a trained controller's), load the base VLM and compute the features of the table's
+    options against a trained controller's), load the VLM and compute the features of the table's
     samples: every input error is one line here, before a run opens."""
+    sources.check_data_root(data_root)
     table = load_profile_table(measured_table, list(dataset_names) if dataset_names else None)
     if controller_options is not None:
         check_measured_table(table, str(measured_table))
         check_space(controller_options, table, str(measured_table))
-    base_vlm_dir = str(resolve_base_model_dir(model_path))
-    backend = BaseVLMBackend.from_pretrained(base_vlm_dir)
+    backend = vlm.load()
     setup = measured_setup(table, str(measured_table), backend.space, calibration_seed, budget_fractions)
-    return MeasuredInputs(setup, backend, base_vlm_dir, table_features(backend, table, str(measured_table)))
+    features = table_features(backend, table, str(measured_table), data_root)
+    return MeasuredInputs(setup, backend, vlm, data_root, features)
 
 
 @dataclass
@@ -90,10 +102,16 @@ class TrainingInputs:
     measured: MeasuredInputs
 
 
-def training_inputs(data_dir: str, model_path: str, estimator_ref: str, measured_table: str, calibration_seed: int,
-                    budget_fractions: Sequence[float], dataset_names: Sequence[str] | None = None) -> TrainingInputs:
-    """The controller data (optionally some data sets), the estimator and the measured inputs, all checked."""
+def training_inputs(data_dir: str, vlm: VLMReference, estimator_ref: str, measured_table: str, calibration_seed: int,
+                    budget_fractions: Sequence[float], dataset_names: Sequence[str] | None = None,
+                    data_root: str = "") -> TrainingInputs:
+    """The controller data (optionally some data sets), the estimator and the measured inputs, all checked;
+    the controller data must come from the same backend as `vlm` (its features are that model's)."""
     samples, grid = load_controller_data(data_dir)
+    built_with = read_manifest(data_dir)["build"].get("backend", "base_vlm")
+    if built_with != vlm.backend:
+        raise ControllerError(f"controller data {data_dir} was built with backend={built_with}, this run has "
+                              f"backend={vlm.backend}: pass the same backend (and model_path) it was built with")
     if dataset_names:
         unknown = sorted(set(dataset_names) - set(samples["dataset"]))
         if unknown:
@@ -102,7 +120,7 @@ def training_inputs(data_dir: str, model_path: str, estimator_ref: str, measured
         samples = samples[samples["dataset"].isin(dataset_names)].reset_index(drop=True)
         grid = grid[grid["dataset"].isin(dataset_names)].reset_index(drop=True)
     estimator = resolve_estimator(estimator_ref).estimator
-    measured = measured_inputs(measured_table, model_path, calibration_seed, budget_fractions, dataset_names)
+    measured = measured_inputs(measured_table, vlm, calibration_seed, budget_fractions, dataset_names, data_root=data_root)
     check_space(knob_options(measured.backend.space), grid, f"controller data {data_dir}")
     return TrainingInputs(samples, grid, estimator, measured)
 
@@ -165,7 +183,7 @@ def _finish(trained: TrainedController, inputs: TrainingInputs, config: dict, ex
     mlflow.log_metrics(metrics)
     log_csv(evaluation.rows, "evaluation/decisions.csv")
     controller.save(run_directory(output_dir) / "controller")
-    version = log_budget_controller(controller, inputs.measured.features, inputs.measured.base_vlm_dir, model_name, promotion)
+    version = log_budget_controller(controller, inputs.measured.features, inputs.measured.vlm, model_name, promotion)
     out: dict[str, Any] = {**metrics, "best_epoch": trained.best_epoch, "latency_factor": controller.latency_factor}
     if tensorboard_dir is not None:
         out["tensorboard_dir"] = tensorboard_dir
@@ -203,8 +221,8 @@ def train_grpo_and_register(inputs: TrainingInputs, config: GRPOConfig, latency_
                        "replay_noise_p97": round(float(np.quantile(noise, 0.97)), 6)})
     source = None
     if reward_source == "live":
-        backend = inputs.measured.backend
-        source = lambda train: LiveRollouts(backend, train.sample_ids, options)  # noqa: E731
+        backend, data_root = inputs.measured.backend, inputs.measured.data_root
+        source = lambda train: LiveRollouts(backend, train.sample_ids, options, data_root)  # noqa: E731
     checkpoints = run_directory(output_dir) / "checkpoints"
     note_checkpoint(checkpoints, f"rerun with -P resume_dir={checkpoints} to resume")
     trained, tensorboard_dir = _train_logged(

@@ -43,9 +43,10 @@ from core.control.scoring import score_decisions
 from core.control.yardsticks import lookup_table, oracle
 from core.knobs import KnobConfig, KnobSpace
 from core.latency.estimator import LatencyEstimator
-from core.vlm.base_vlm import BaseVLMBackend
+from core.vlm.backend import StagedVLM
 from core.vqa.sample import VQASample
-from core.vqa.suite import SPLIT_SIZES, load_split, sample_from_id
+from core.vqa import sources
+from core.vqa.suite import SPLIT_SIZES
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,16 @@ class ExperimentSettings:
 
 
 def request_stream(datasets: Sequence[str], split: str, num_samples: int, warmup: int,
-                   seed: int) -> tuple[list[VQASample], list[VQASample]]:
-    """(requests, warm-up requests): the first `num_samples` of each data set's split, interleaved in a
-    `seed`-shuffled order (the same in every pass), and `warmup` further samples for measuring L_full."""
+                   seed: int, data_root: str = "") -> tuple[list[VQASample], list[VQASample]]:
+    """(requests, warm-up requests): the first `num_samples` of each data set's split (the suite's, or the
+    real files' under `data_root`), interleaved in a `seed`-shuffled order (the same in every pass), and
+    `warmup` further samples for measuring L_full."""
     if num_samples < 1:
         raise ValueError(f"parameter num_samples must be >= 1, got {num_samples}")
-    if num_samples + warmup > SPLIT_SIZES[split]:
+    if not data_root and num_samples + warmup > SPLIT_SIZES[split]:
         raise ValueError(f"parameter num_samples: {num_samples} + warmup {warmup} exceed the {split} split's "
                          f"{SPLIT_SIZES[split]} samples")
-    drawn = {d: load_split(d, split, num_samples + warmup) for d in datasets}
+    drawn = {d: sources.load_samples(d, split, num_samples + warmup, 0, data_root) for d in datasets}
     requests = [s for d in datasets for s in drawn[d][:num_samples]]
     random.Random(seed).shuffle(requests)
     return requests, [s for d in datasets for s in drawn[d][num_samples:]][:warmup]
@@ -112,11 +114,12 @@ class HeldoutRequests:
     warmup: list[VQASample]
     setup: MeasuredSetup
     source: str
+    data_root: str = ""  # where the samples' files are ('' = the synthetic suite)
 
 
 def heldout_requests(table: pd.DataFrame, source: str, space: KnobSpace, calibration_seed: int,
                      datasets: Sequence[str], num_samples: int, warmup: int, seed: int,
-                     fractions: Sequence[float]) -> HeldoutRequests:
+                     fractions: Sequence[float], data_root: str = "") -> HeldoutRequests:
     """The first `num_samples` held-out samples of each data set (all of them if fewer), split by
     `calibration_seed` as `evaluate_controller` splits the table, in a `seed`-shuffled order; `warmup`
     calibration samples, data sets in turn. ValueError (one line) for a data set the table lacks."""
@@ -130,14 +133,15 @@ def heldout_requests(table: pd.DataFrame, source: str, space: KnobSpace, calibra
     if absent:
         raise ValueError(f"parameter dataset: {absent[0]} is not in the measured table {source} (has {present})")
     ids = [i for d in chosen for i in heldout.loc[heldout["dataset"] == d, "sample_id"].head(num_samples)]
-    requests = [sample_from_id(i) for i in ids]
-    random.Random(seed).shuffle(requests)
     by_dataset = [calibration.loc[calibration["dataset"] == d, "sample_id"].tolist() for d in chosen]
     warm_ids = [i for group in itertools.zip_longest(*by_dataset) for i in group if i is not None][:warmup]
-    return HeldoutRequests(requests, [sample_from_id(i) for i in warm_ids], setup, source)
+    loaded = sources.samples_from_ids([*ids, *warm_ids], data_root)  # one read of each real file
+    requests = loaded[:len(ids)]
+    random.Random(seed).shuffle(requests)
+    return HeldoutRequests(requests, loaded[len(ids):], setup, source, data_root)
 
 
-def replay_decisions(controller: LearnedController, backend: BaseVLMBackend, heldout: HeldoutRequests,
+def replay_decisions(controller: LearnedController, backend: StagedVLM, heldout: HeldoutRequests,
                      fractions: Sequence[float]) -> tuple[dict[str, float], pd.DataFrame]:
     """What `evaluate_controller` reports for this controller on the same requests: its decisions replayed
     on their measured runs at B = f x the table's L_full. (replay_accuracy_at_<p> / replay_adherence_at_<p>,
@@ -145,7 +149,7 @@ def replay_decisions(controller: LearnedController, backend: BaseVLMBackend, hel
     ids = {s.sample_id for s in heldout.requests}
     table = heldout.setup.split.heldout
     runs = table[table["sample_id"].astype(str).isin(ids)].reset_index(drop=True)
-    features = table_features(backend, runs, heldout.source)
+    features = table_features(backend, runs, heldout.source, heldout.data_root)
     decisions = controller_decisions(controller, features, runs, heldout.setup.l_full, fractions)
     scored = score_decisions(decisions, runs, heldout.setup.l_full, oracle(runs, heldout.setup.l_full, fractions))
     metrics = {f"replay_{m}_at_{budget_percent(f)}": scored[f"test_{m}_at_{budget_percent(f)}"]
@@ -166,7 +170,8 @@ class RequestPlan:
 
 def plan_requests(request_source: str, table: pd.DataFrame | None, table_source: str, space: KnobSpace,
                   calibration_seed: int, datasets: Sequence[str], all_datasets: Sequence[str], split: str,
-                  num_samples: int, warmup: int, seed: int, settings: ExperimentSettings) -> RequestPlan:
+                  num_samples: int, warmup: int, seed: int, settings: ExperimentSettings,
+                  data_root: str = "") -> RequestPlan:
     """The requests of `request_source` (REQUEST_SOURCES): the measured table's held-out samples or the
     suite split's first samples. ValueError (one line naming the parameter) otherwise."""
     if request_source not in REQUEST_SOURCES:
@@ -177,16 +182,16 @@ def plan_requests(request_source: str, table: pd.DataFrame | None, table_source:
             raise ValueError(f"parameter split={split!r}: request_source=heldout answers the measured table's held-out "
                              "samples, which are test samples (use request_source=split)")
         heldout = heldout_requests(table, table_source, space, calibration_seed, datasets, num_samples, warmup, seed,
-                                   settings.fractions)
+                                   settings.fractions, data_root)
         requests, warm = heldout.requests, heldout.warmup
     else:
-        requests, warm = request_stream(list(datasets) or list(all_datasets), split, num_samples, warmup, seed)
+        requests, warm = request_stream(list(datasets) or list(all_datasets), split, num_samples, warmup, seed, data_root)
     lookup = (lookup_configs(table, table_source, space, settings.fractions)
               if settings.compare and settings.budget_ms == 0 else None)
     return RequestPlan(requests, warm, heldout, lookup)
 
 
-def replay_report(controller: LearnedController, backend: BaseVLMBackend, heldout: HeldoutRequests, rows: pd.DataFrame,
+def replay_report(controller: LearnedController, backend: StagedVLM, heldout: HeldoutRequests, rows: pd.DataFrame,
                   fractions: Sequence[float]) -> tuple[dict[str, float], pd.DataFrame]:
     """The replay `evaluate_controller` gives for this controller on the run's own requests and budget
     fractions, and how the live answers compare with it (`core.adaptive.report.replay_comparison`)."""
@@ -209,7 +214,7 @@ def lookup_config(lookup: pd.DataFrame, fraction: float) -> KnobConfig:
     return KnobConfig(str(row["tier"]), int(row["top_k"]), int(row["num_active_blocks"]))
 
 
-def measure_l_full(backend: BaseVLMBackend, warmup: Sequence[VQASample], requests: Sequence[VQASample]) -> float:
+def measure_l_full(backend: StagedVLM, warmup: Sequence[VQASample], requests: Sequence[VQASample]) -> float:
     """Median wall time (ms) of the full config over the run's own `requests`, each answered once (unscored)
     after the `warmup` samples' answers: the requests' own mix of answer lengths and image sizes, as a
     measured table's L_full is the median over its samples (a few warm-up samples alone gave 35-47 ms
@@ -220,7 +225,7 @@ def measure_l_full(backend: BaseVLMBackend, warmup: Sequence[VQASample], request
     return statistics.median(answer_static(backend, s, full, 0.0)["T_total_ms"] for s in requests)
 
 
-def _adaptive(backend: BaseVLMBackend, controller: LearnedController, estimator: LatencyEstimator,
+def _adaptive(backend: StagedVLM, controller: LearnedController, estimator: LatencyEstimator,
               settings: ExperimentSettings, calibrate: bool, l_full: float) -> AdaptiveInference:
     c = settings.calibration
     calibration = OnlineCalibration(controller.latency_factor, c.window, c.quantile, c.method, min_count=c.min_count,
@@ -229,7 +234,7 @@ def _adaptive(backend: BaseVLMBackend, controller: LearnedController, estimator:
     return AdaptiveInference(backend, controller, guardrail, calibration, l_full)
 
 
-def run_experiment(backend: BaseVLMBackend, controller: LearnedController, estimator: LatencyEstimator,
+def run_experiment(backend: StagedVLM, controller: LearnedController, estimator: LatencyEstimator,
                    requests: Sequence[VQASample], warmup: Sequence[VQASample], settings: ExperimentSettings,
                    lookup: pd.DataFrame | None = None,
                    on_load: Callable[[str, list[int]], None] | None = None,

@@ -1,15 +1,18 @@
-"""Controller data: what every controller trains on, built from the base VLM without timing.
+"""Controller data: what every controller trains on, built from a VLM backend without timing.
 
-For the first N samples of each data set's train and val split (`ControllerDataConfig`):
+For the first N samples of each data set's train and val split (`ControllerDataConfig`; with a data
+root, the real benchmarks', whose train file gives both: its first `train_samples` questions are the
+controller's train split and the next `val_samples` its val split, because the real val file is the
+test split the measured tables and every reported figure read):
   samples   one row per sample: what a controller may read before it picks the knobs (the question's
             token count and pooled token embeddings, the pooled global view, crops and vision tokens
             per tier);
   grid      one row per (sample, config) of the backend's whole knob space: the greedy answer, its
             token count and its VQA score; after the build, the champion latency estimator's
             median and P90 `T_total` for that config and that answer length.
-It is an accuracy grid, not a profile: answers are batched and untimed, and each sample's crops are
-encoded once per tier and reused by the tier's 25 (top_k, blocks) configs (the knobs reach only the
-decoder). Latency for training comes from the estimator; adherence is judged elsewhere, on a measured
+It is an accuracy grid, not a profile: answers are untimed (batched on the base VLM, one request at a
+time through `StagedVLM` on any other backend), and each sample's crops are encoded once per tier and
+reused by the tier's (top_k, blocks) configs (the knobs reach only the decoder). Latency for training comes from the estimator; adherence is judged elsewhere, on a measured
 table.
 
 Layout on disk (`output_dir`):
@@ -52,11 +55,15 @@ from transformers.cache_utils import DynamicCache
 from core.knobs import KNOBS, TIERS, KnobConfig, KnobSpace
 from core.latency.estimator import LatencyEstimator
 from core.latency.features import STEP_KNOBS
+from core.timing import StageClock
 from core.vlm.backend import StagedVLM
 from core.vlm.base_vlm import BaseVLMBackend, apply_knobs
+from core.vqa import real_data, sources
 from core.vqa.metrics import vqa_score
 from core.vqa.sample import VQASample
 from core.vqa.suite import DATASETS, SPLIT_SIZES, make_sample
+
+ScoreFn = sources.ScoreFn
 
 FORMAT = "controller-data/1"
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -91,22 +98,45 @@ class ControllerDataConfig:
     val_samples: int = 200  # per data set: the first N of its val split
     chunk_size: int = 100  # samples per part file (what a killed build can lose)
     batch_size: int = 128  # prompts per decoder forward
+    data_root: str = ""  # the real benchmarks' files ('' = the synthetic suite)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset_names", tuple(self.dataset_names))
-        unknown = [d for d in self.dataset_names if d not in DATASETS]
+        choices = sources.dataset_choices(self.data_root)  # checks data_root
+        unknown = [d for d in self.dataset_names if d not in choices]
         if not self.dataset_names or unknown:
-            raise ValueError(f"parameter dataset_names: unknown or empty {list(unknown)} (choose from: {', '.join(DATASETS)})")
-        for split, n in self.samples_per_split.items():
-            if not 1 <= n <= SPLIT_SIZES[split]:
-                raise ValueError(f"parameter {split}_samples={n} must lie in [1, {SPLIT_SIZES[split]}] (the {split} split's size)")
-        for name in ("chunk_size", "batch_size"):
+            raise ValueError(f"parameter dataset_names: unknown or empty {list(unknown)} (choose from: {', '.join(choices)})")
+        for name in ("chunk_size", "batch_size", "train_samples", "val_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parameter {name} must be >= 1, got {getattr(self, name)}")
+        if not self.data_root:
+            for split, n in self.samples_per_split.items():
+                if n > SPLIT_SIZES[split]:
+                    raise ValueError(f"parameter {split}_samples={n} must lie in [1, {SPLIT_SIZES[split]}] (the {split} split's size)")
+            return
+        wanted = self.train_samples + self.val_samples
+        for dataset in self.dataset_names:
+            if wanted > (size := real_data.split_size(self.data_root, dataset, "train")):
+                raise ValueError(f"parameters train_samples + val_samples = {wanted} exceed the {size} questions of "
+                                 f"{dataset}'s train file under {self.data_root} (with data_root both come from it)")
 
     @property
     def samples_per_split(self) -> dict[str, int]:
         return {"train": self.train_samples, "val": self.val_samples}
+
+    def source_indices(self, split: str, start: int, stop: int) -> tuple[str, list[int]]:
+        """(split of the files, indices) that samples [start, stop) of the controller's `split` are read as."""
+        if not self.data_root:
+            return split, list(range(start, stop))
+        offset = self.train_samples if split == "val" else 0
+        return "train", list(range(offset + start, offset + stop))
+
+    def samples(self, dataset: str, split: str, start: int, stop: int) -> list[VQASample]:
+        """Samples [start, stop) of the controller's `split` of `dataset` (module docstring)."""
+        file_split, indices = self.source_indices(split, start, stop)
+        if not self.data_root:
+            return [make_sample(dataset, file_split, i) for i in indices]
+        return real_data.load_real_split(self.data_root, dataset, file_split, indices=indices)
 
     def chunks(self) -> list[tuple[str, str, int, int]]:
         """(dataset, split, start, stop) of every part, train before val."""
@@ -213,11 +243,14 @@ def _greedy(backend: BaseVLMBackend, embeds: torch.Tensor, max_new_tokens: Seque
     return ids
 
 
-def accuracy_grid(backend: BaseVLMBackend, samples: Sequence[VQASample], space: KnobSpace | None = None,
-                  batch_size: int = 128, progress: bool = True) -> pd.DataFrame:
+def accuracy_grid(backend: StagedVLM, samples: Sequence[VQASample], space: KnobSpace | None = None,
+                  batch_size: int = 128, progress: bool = True, score_fn: ScoreFn = vqa_score) -> pd.DataFrame:
     """One row per (sample, config) of `space` (default the backend's): GRID_COLUMNS, sample-major in
-    `samples` order, configs in `space.grid()` order. Greedy answers, batched by (tile grid, question
-    length) so no prompt is padded; each sample's vision tokens are encoded once per tier."""
+    `samples` order, configs in `space.grid()` order, answers scored with `score_fn`. On the base VLM,
+    greedy answers batched by (tile grid, question length) so no prompt is padded; on any other backend
+    one request at a time through its stages. Each sample's vision tokens are encoded once per tier."""
+    if not isinstance(backend, BaseVLMBackend):
+        return _staged_grid(backend, samples, space or backend.space, progress, score_fn)
     model, space = backend.model, space or backend.space
     eos = model.tokenizer.eos_token_id
     configs = space.grid()
@@ -249,7 +282,37 @@ def accuracy_grid(backend: BaseVLMBackend, samples: Sequence[VQASample], space: 
             crops, text_tokens, seq = results[(i, config)]
             prediction = model.decode(seq[:-1] if seq and seq[-1] == eos else seq)
             rows.append((s.sample_id, s.dataset, split, config.tier, config.top_k, config.num_active_blocks, crops,
-                         space.vision_tokens(crops), text_tokens, len(seq), prediction, vqa_score(prediction, s.answers)))
+                         space.vision_tokens(crops), text_tokens, len(seq), prediction, score_fn(prediction, s.answers)))
+    return pd.DataFrame(rows, columns=list(GRID_COLUMNS))
+
+
+def _staged_grid(backend: StagedVLM, samples: Sequence[VQASample], space: KnobSpace, progress: bool,
+                 score_fn: ScoreFn) -> pd.DataFrame:
+    """`accuracy_grid` through a backend's stages: what adaptive inference runs, config by config."""
+    configs = space.grid()
+    rows = []
+    bar = tqdm(total=len(samples) * len(configs), desc="accuracy grid", unit="answer", leave=False, disable=not progress)
+    with torch.inference_mode():
+        for s in samples:
+            features = backend.request_features(s)
+            answers: dict[KnobConfig, list[int]] = {}
+            for tier in TIERS:
+                tier_configs = [c for c in configs if c.tier == tier]
+                if not tier_configs:
+                    continue
+                vision = backend.encode_tier(s, tier, features.global_view)
+                for config in tier_configs:
+                    answers[config] = backend.generate_from_vision(vision, s, config, s.max_new_tokens,
+                                                                   StageClock(backend.device))
+                    bar.update(1)
+            split = s.sample_id.split(":")[1]
+            for config in configs:
+                ids, crops = answers[config], features.crops[config.tier]
+                prediction = backend.decode_answer(ids)
+                rows.append((s.sample_id, s.dataset, split, config.tier, config.top_k, config.num_active_blocks, crops,
+                             space.vision_tokens(crops), features.text_tokens, len(ids), prediction,
+                             score_fn(prediction, s.answers)))
+    bar.close()
     return pd.DataFrame(rows, columns=list(GRID_COLUMNS))
 
 
@@ -350,13 +413,26 @@ def check_controller_data(df: pd.DataFrame, source: str, kind: str = "grid", spa
 
 # --- the build -------------------------------------------------------------------------------------
 
-def model_digest(backend: BaseVLMBackend) -> str:
+def _weights(backend: StagedVLM) -> tuple[dict, dict[str, torch.nn.Module]]:
+    """(architecture record, modules by name prefix) whose weights define the backend's answers."""
+    if isinstance(backend, BaseVLMBackend):
+        return asdict(backend.model.config), {"": backend.model}
+    modules = {f"{name}.": getattr(backend, name) for name in ("lm", "vision")}
+    if not all(isinstance(m, torch.nn.Module) for m in modules.values()):
+        raise TypeError(f"backend {backend.name}: no lm / vision modules to digest")
+    return {"backend": backend.name, "space": space_record(backend.space)}, modules
+
+
+def model_digest(backend: StagedVLM) -> str:
     """Content hash of the backend's weights, architecture and drop order: the same model, wherever it was
-    loaded from (a directory or the registry), has the same digest."""
-    h = hashlib.sha256(json.dumps(asdict(backend.model.config), sort_keys=True, default=list).encode())
-    for name, tensor in sorted(backend.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    loaded from (a directory, a release or the registry), has the same digest."""
+    record, modules = _weights(backend)
+    h = hashlib.sha256(json.dumps(record, sort_keys=True, default=list).encode())
+    for prefix, module in modules.items():
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update((prefix + name).encode())
+            # Raw bytes of any dtype (bfloat16 has no numpy type); float32 bytes are numpy's.
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(json.dumps(list(backend.drop_order)).encode())
     return h.hexdigest()[:16]
 
@@ -378,8 +454,14 @@ def manifest_space(manifest: dict) -> KnobSpace:
 
 def samples_digest(config: ControllerDataConfig) -> str:
     """Content hash of every sample the build covers (ids, questions, answers, pixels): a change of the
-    suite's generator changes it, so parts of the old samples are never mixed with new ones (~0.2 ms a sample)."""
+    suite's generator changes it, so parts of the old samples are never mixed with new ones (~0.2 ms a sample).
+    With a data root: each data set's questions, answers and image files as read (`real_data.split_digest`)."""
     h = hashlib.sha256()
+    if config.data_root:
+        for dataset in config.dataset_names:
+            indices = range(config.train_samples + config.val_samples)  # train, then val (`source_indices`)
+            h.update(real_data.split_digest(config.data_root, dataset, "train", indices).encode())
+        return h.hexdigest()[:16]
     for dataset, split, start, stop in config.chunks():
         for i in range(start, stop):
             s = make_sample(dataset, split, i)
@@ -388,10 +470,14 @@ def samples_digest(config: ControllerDataConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def build_identity(backend: BaseVLMBackend, config: ControllerDataConfig) -> dict[str, object]:
+def build_identity(backend: StagedVLM, config: ControllerDataConfig) -> dict[str, object]:
     """What the parts depend on; a directory built with another identity is never resumed into."""
     # Parameters first: a rerun with other parameters is told which one, not that a digest differs.
-    return {"dataset_names": list(config.dataset_names), "train_samples": config.train_samples,
+    # backend and data_root only when not the defaults, so earlier suite builds still resume.
+    extra = {"backend": backend.name} if backend.name != "base_vlm" else {}
+    if config.data_root:
+        extra["data_root"] = str(Path(config.data_root).resolve())
+    return {**extra, "dataset_names": list(config.dataset_names), "train_samples": config.train_samples,
             "val_samples": config.val_samples, "chunk_size": config.chunk_size, "space": space_record(backend.space),
             "drop_order": list(backend.drop_order), "base_model_digest": model_digest(backend),
             "samples_digest": samples_digest(config)}
@@ -465,7 +551,7 @@ class BuildSummary:
     parts_written: list[str] = field(default_factory=list)
 
 
-def build_controller_data(backend: BaseVLMBackend, output_dir: str | os.PathLike[str], config: ControllerDataConfig,
+def build_controller_data(backend: StagedVLM, output_dir: str | os.PathLike[str], config: ControllerDataConfig,
                           estimator: LatencyEstimator, sources: dict[str, str] | None = None,
                           progress: bool = True) -> BuildSummary:
     """Build (or resume) the controller data of `config` under `output_dir` (layout: module docstring).
@@ -485,11 +571,14 @@ def build_controller_data(backend: BaseVLMBackend, output_dir: str | os.PathLike
     chunks = config.chunks()
     todo = [c for c in chunks if not all(p.is_file() for p in part_paths(directory, *c))]
     summary = BuildSummary(0, len(chunks) - len(todo), 0, 0, 0.0)
+    score_fn = sources.answer_score(config.data_root)
     for dataset, split, start, stop in tqdm(todo, desc="controller data", unit="chunk", disable=not progress):
-        samples = [make_sample(dataset, split, i) for i in range(start, stop)]
+        samples = config.samples(dataset, split, start, stop)
         features_path, grid_path = part_paths(directory, dataset, split, start, stop)
-        _atomic_parquet(sample_features(backend, samples, config.batch_size), features_path)
-        _atomic_parquet(accuracy_grid(backend, samples, backend.space, config.batch_size, progress), grid_path)
+        # The controller's split, which with a data root is not the file's (both come from "train").
+        _atomic_parquet(sample_features(backend, samples, config.batch_size).assign(split=split), features_path)
+        _atomic_parquet(accuracy_grid(backend, samples, backend.space, config.batch_size, progress, score_fn)
+                        .assign(split=split), grid_path)
         summary.chunks_written += 1
         summary.parts_written += [str(features_path), str(grid_path)]
     paths = [part_paths(directory, *c) for c in chunks]

@@ -13,24 +13,22 @@ import numpy as np
 from core.control.decision import ControllerError, grid_arrays
 from core.knobs import KnobConfig
 from core.vlm.backend import VLMBackend
-from core.vqa.metrics import vqa_score
-from core.vqa.suite import make_sample
+from core.vqa import sources
 
 
 class LiveRollouts:
-    """RolloutSource over a backend: rows index `sample_ids` ("<dataset>:<split>:<index>" of the suite)."""
+    """RolloutSource over a backend: rows index `sample_ids` ("<dataset>:<split>:<index>" of the suite, or
+    of the real files under `data_root`), answers scored as `core.vqa.sources` scores them."""
 
     name = "live"
 
-    def __init__(self, backend: VLMBackend, sample_ids: Sequence[str], options: dict[str, list]) -> None:
+    def __init__(self, backend: VLMBackend, sample_ids: Sequence[str], options: dict[str, list], data_root: str = "") -> None:
         self.backend, self.grid = backend, grid_arrays(options)
-        self.samples = []
-        for sample_id in sample_ids:
-            try:
-                dataset, split, index = str(sample_id).rsplit(":", 2)
-                self.samples.append(make_sample(dataset, split, int(index)))
-            except ValueError as exc:
-                raise ControllerError(f"live rollouts: sample {sample_id} is not a suite sample ({exc})") from None
+        try:
+            self.samples = sources.samples_from_ids(sample_ids, data_root)
+        except ValueError as exc:
+            raise ControllerError(f"live rollouts: {exc}") from None
+        self.score_fn = sources.answer_score(data_root)
         self.answers = 0
 
     def score(self, rows: np.ndarray, configs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +40,7 @@ class LiveRollouts:
                 config = KnobConfig(str(self.grid["tier"][index]), int(self.grid["top_k"][index]),
                                     int(self.grid["num_active_blocks"][index]))
                 result = self.backend.answer(sample, config)
-                accuracy[i, j] = vqa_score(result.text, sample.answers)
+                accuracy[i, j] = self.score_fn(result.text, sample.answers)
                 latency[i, j] = result.T_total_ms
                 self.answers += 1
         return accuracy, latency

@@ -43,6 +43,7 @@ differ.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,35 @@ def _load_image(question: _Question) -> Image.Image:
         raise RealDataError(f"{question.image_path}: unreadable image ({err})") from err
 
 
+def _questions(root: Path, dataset: str, split: str) -> list[_Question]:
+    if dataset not in DATASETS:
+        raise RealDataError(f"unknown dataset {dataset!r} (known: {list(DATASETS)})")
+    if split not in SPLITS[dataset]:
+        raise RealDataError(f"unknown split {split!r} of {dataset!r} (known: {list(SPLITS[dataset])})")
+    return _text_vqa_questions(root, split) if dataset == "text_vqa" else _coco_vqa_questions(root, dataset, split)
+
+
+def split_size(data_root: str | Path, dataset: str, split: str) -> int:
+    """How many questions `split` of `dataset` holds under `data_root` (its files checked, no image read)."""
+    return len(_questions(Path(data_root), dataset, split))
+
+
+def split_digest(data_root: str | Path, dataset: str, split: str, indices: Sequence[int]) -> str:
+    """Content hash of those questions of `split`: their text, answers and image files' bytes (read raw, not
+    decoded), so a changed annotation or image changes it."""
+    questions = _questions(Path(data_root), dataset, split)
+    h = hashlib.sha256()
+    for index in indices:
+        if not 0 <= int(index) < len(questions):
+            raise RealDataError(f"{dataset}:{split}:{index} is not a question of {dataset} {split} (it has {len(questions)})")
+        question = questions[int(index)]
+        if not question.image_path.is_file():
+            raise RealDataError(f"{question.image_path}: image file not found (question_id {question.question_id})")
+        h.update("|".join((f"{dataset}:{split}:{index}", question.question, *question.answers)).encode())
+        h.update(question.image_path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def load_real_split(data_root: str | Path, dataset: str, split: str, limit: int | None = None,
                     indices: Sequence[int] | None = None) -> list[VQASample]:
     """The first `limit` questions (default: all) of `split` of a real data set under `data_root`, in file order.
@@ -190,17 +220,9 @@ def load_real_split(data_root: str | Path, dataset: str, split: str, limit: int 
     or split, a negative limit, a missing or malformed file or field, a question without an annotation, or
     a missing image among those loaded.
     """
-    if dataset not in DATASETS:
-        raise RealDataError(f"unknown dataset {dataset!r} (known: {list(DATASETS)})")
-    if split not in SPLITS[dataset]:
-        raise RealDataError(f"unknown split {split!r} of {dataset!r} (known: {list(SPLITS[dataset])})")
     if limit is not None and limit < 0:
         raise RealDataError(f"limit={limit} must be >= 0")
-    root = Path(data_root)
-    if dataset == "text_vqa":
-        questions = _text_vqa_questions(root, split)
-    else:
-        questions = _coco_vqa_questions(root, dataset, split)
+    questions = _questions(Path(data_root), dataset, split)
     if indices is not None:
         if (bad := [i for i in indices if not 0 <= int(i) < len(questions)]):
             raise RealDataError(f"{dataset}:{split}:{bad[0]} is not a question of {dataset} {split} "
