@@ -18,11 +18,9 @@ from core.adaptive.experiment import (CalibrationSettings, ExperimentSettings, R
                                      run_experiment)
 from core.control.decision import describe_rule
 from core.profiling.store import ProfileStore
-from core.vqa.sample import samples_frame
 from core.vqa import sources
 from core.vqa.suite import SPLITS
-from tracking.adaptive_model import ResolvedModels, log_run_results, log_served_model, resolve_models
-from tracking.artifacts import log_dataset_input
+from tracking.adaptive_model import ResolvedModels, log_request_plan, log_run_results, log_served_model, resolve_models
 from tracking.cli import ParameterError, comma_list, number_list
 from tracking.controller_models import MODEL_NAME as CONTROLLER_MODEL
 from tracking.model_refs import VLMReference
@@ -62,7 +60,7 @@ class Params:
     importance: str = ""  # an importance run id or JSON file; '' = the checkpoint's drop order
     seed: int = 0  # request order
     num_threads: int = 1  # torch intra-op threads
-    register_model: bool = True  # log the served pyfunc; registered as adaptive-vlm@champion when all three refs are models:/ URIs
+    register_model: bool = True  # log the served pyfunc; registered as adaptive-vlm@champion when all three refs are models:/ URIs (or the VLM a release)
 
 
 @dataclass
@@ -85,14 +83,13 @@ def prepare(params: Params) -> Prepared:
     settings = ExperimentSettings(
         number_list(params.budget_fraction, "budget_fraction"), params.latency_budget, params.warmup, params.guardrail,
         CalibrationSettings(params.calibration_window, params.calibration_quantile, params.calibration_method),
-        params.compare, params.contention, params.contention_fraction, params.contention_workers,
-        params.contention_duty)
-    vlm = VLMReference(params.backend, params.model_path, params.engine, params.device)
-    models = resolve_models(vlm, params.controller_path, params.estimator, params.importance)
+        params.compare, params.contention, params.contention_fraction, params.contention_workers, params.contention_duty)
+    models = resolve_models(VLMReference(params.backend, params.model_path, params.engine, params.device),
+                            params.controller_path, params.estimator, params.importance)
     table = ProfileStore(params.measured_table).load() if params.compare or params.request_source == "heldout" else None
+    choices = sources.dataset_choices(params.data_root)
     plan = plan_requests(params.request_source, table, params.measured_table, models.backend.space, params.calibration_seed,
-                         comma_list(params.dataset, "dataset", sources.dataset_choices(params.data_root)),
-                         sources.dataset_choices(params.data_root), params.split, params.num_samples,
+                         comma_list(params.dataset, "dataset", choices), choices, params.split, params.num_samples,
                          params.warmup, params.seed, settings, params.data_root)
     return Prepared(models, plan, settings)
 
@@ -100,12 +97,8 @@ def prepare(params: Params) -> Prepared:
 def execute(params: Params, prepared: Prepared, epoch_hook: None = None) -> dict[str, float]:
     torch.set_num_threads(params.num_threads)
     plan, models = prepared.plan, prepared.models
-    log_dataset_input(samples_frame(plan.requests), "measured-table-heldout" if plan.heldout else f"synthetic-vqa-{params.split}",
-                      params.split, {"generator": f"real files under {params.data_root}" if params.data_root else "core.vqa.suite",
-                                     "order_seed": str(params.seed),
-                                     "request_source": params.request_source, "measured_table": params.measured_table})
-    if plan.heldout is not None:
-        mlflow.log_params({**plan.heldout.setup.split.as_params(), "requests_per_run": len(plan.requests)})
+    log_request_plan(plan, params.split, params.data_root, {"data_root": params.data_root, "order_seed": str(params.seed),
+                     "request_source": params.request_source, "measured_table": params.measured_table})
     mlflow.log_params({f"resolved_{k}_version": v or "path" for k, v in models.versions.items()})
     mlflow.log_params({f"controller_{k}": v for k, v in describe_rule(models.controller).items()})
 

@@ -324,13 +324,14 @@ def test_the_served_adaptive_vlm_answers_json_requests_and_refuses_bad_ones_in_o
     import mlflow
 
     from tracking.adaptive_model import MODEL_NAME, log_adaptive_vlm
+    from tracking.model_refs import VLMReference
     from tracking.pyfunc_models import encode_image
     from tracking.serving import ModelServer
 
     sample = make_sample("synth_textvqa", "test", 1)
     example = pd.DataFrame({"image": [encode_image(sample.image)], "question": [sample.question], "budget_ms": [1e4]})
     with mlflow.start_run():
-        version = log_adaptive_vlm(BASE_VLM_DIR, controller_dir, estimator_file,
+        version = log_adaptive_vlm(VLMReference("base_vlm", BASE_VLM_DIR), controller_dir, estimator_file,
                                    {"base_model": "base-vlm/7", "controller": "budget-controller/3", "estimator": "path"},
                                    example, register=True)
     tags = MlflowClient().get_model_version(MODEL_NAME, str(version)).tags

@@ -102,14 +102,15 @@ def log_adaptive_vlm(vlm: VLMReference, controller_dir: str, estimator_file: str
     `register`); `versions` ({"base_model": "base-vlm/1", ...}, '' for a path) become tags."""
     tags = {f"{key}_version": value or "path" for key, value in versions.items()}
     mlflow.set_tags({f"adaptive_vlm_{k}": v for k, v in tags.items()})
-    vlm_artifacts = vlm.served_artifacts(Path(controller_dir).parent)
-    model = AdaptiveVLMPyfunc()
-    model._build(vlm_artifacts, controller_dir, estimator_file)
-    version = log_pyfunc_model(
-        "adaptive_model", AdaptiveVLMPyfunc(),
-        {**vlm_artifacts, CONTROLLER_ARTIFACT: controller_dir, ESTIMATOR_ARTIFACT: estimator_file},
-        example, model.predict(None, example), registered_model_name=MODEL_NAME if register else None,
-        extra_requirements=("transformers", "pillow", "safetensors", "tokenizers"))
+    with tempfile.TemporaryDirectory() as tmp:
+        vlm_artifacts = vlm.served_artifacts(Path(tmp))
+        model = AdaptiveVLMPyfunc()
+        model._build(vlm_artifacts, controller_dir, estimator_file)
+        version = log_pyfunc_model(
+            "adaptive_model", AdaptiveVLMPyfunc(),
+            {**vlm_artifacts, CONTROLLER_ARTIFACT: controller_dir, ESTIMATOR_ARTIFACT: estimator_file},
+            example, model.predict(None, example), registered_model_name=MODEL_NAME if register else None,
+            extra_requirements=("transformers", "pillow", "safetensors", "tokenizers"))
     if version is not None:
         client = MlflowClient()
         for key, value in tags.items():
@@ -171,6 +172,18 @@ def log_served_model(models: ResolvedModels, sample, l_full_ms: float) -> int | 
     if version is not None:
         mlflow.set_tag("adaptive_vlm_version", str(version))
     return version
+
+
+def log_request_plan(plan, split: str, data_root: str, tags: dict[str, str]) -> None:
+    """The requests of an adaptive run (core.adaptive.experiment.RequestPlan) as its dataset input, and
+    the held-out split they came from as params."""
+    from core.vqa.sample import samples_frame
+    from tracking.artifacts import log_dataset_input
+
+    name = "measured-table-heldout" if plan.heldout else f"{'real' if data_root else 'synthetic'}-vqa-{split}"
+    log_dataset_input(samples_frame(plan.requests), name, split, tags)
+    if plan.heldout is not None:
+        mlflow.log_params({**plan.heldout.setup.split.as_params(), "requests_per_run": len(plan.requests)})
 
 
 def log_run_results(rows: pd.DataFrame, metrics: dict[str, float], lookup: pd.DataFrame | None,

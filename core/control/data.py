@@ -58,12 +58,11 @@ from core.latency.features import STEP_KNOBS
 from core.timing import StageClock
 from core.vlm.backend import StagedVLM
 from core.vlm.base_vlm import BaseVLMBackend, apply_knobs
-from core.vqa import real_data, sources
+from core.vqa import real_data
+from core.vqa.sources import ScoreFn, answer_score, dataset_choices
 from core.vqa.metrics import vqa_score
 from core.vqa.sample import VQASample
 from core.vqa.suite import DATASETS, SPLIT_SIZES, make_sample
-
-ScoreFn = sources.ScoreFn
 
 FORMAT = "controller-data/1"
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -102,7 +101,7 @@ class ControllerDataConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset_names", tuple(self.dataset_names))
-        choices = sources.dataset_choices(self.data_root)  # checks data_root
+        choices = dataset_choices(self.data_root)  # checks data_root
         unknown = [d for d in self.dataset_names if d not in choices]
         if not self.dataset_names or unknown:
             raise ValueError(f"parameter dataset_names: unknown or empty {list(unknown)} (choose from: {', '.join(choices)})")
@@ -571,7 +570,7 @@ def build_controller_data(backend: StagedVLM, output_dir: str | os.PathLike[str]
     chunks = config.chunks()
     todo = [c for c in chunks if not all(p.is_file() for p in part_paths(directory, *c))]
     summary = BuildSummary(0, len(chunks) - len(todo), 0, 0, 0.0)
-    score_fn = sources.answer_score(config.data_root)
+    score_fn = answer_score(config.data_root)
     for dataset, split, start, stop in tqdm(todo, desc="controller data", unit="chunk", disable=not progress):
         samples = config.samples(dataset, split, start, stop)
         features_path, grid_path = part_paths(directory, dataset, split, start, stop)
