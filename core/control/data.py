@@ -28,8 +28,8 @@ Layout on disk (`output_dir`):
                      q_emb_0..q_emb_{d-1} and gv_0..gv_{d-1} (float32, d = the decoder's width)
   grid.parquet       GRID_COLUMNS + LATENCY_COLUMNS, sorted by split, dataset, sample index, config
 
-Column definitions follow the profiler's (`core.profiling.profiler`): `text_tokens` counts BOS, the
-question's words and ANS; `crops` counts the tiles without the global view; `vision_tokens` =
+Column definitions follow the profiler's (`core.profiling.profiler`): `text_tokens` counts the prompt's
+text tokens (on the base VLM BOS, the question's words and ANS; on molmoe_arch its prompt template's); `crops` counts the tiles without the global view; `vision_tokens` =
 (crops + 1) x tokens_per_crop; `output_tokens` counts the generated tokens with the EOS, capped at the
 data set's max_new_tokens.
 """
