@@ -18,7 +18,8 @@ from core.control.scoring import ADHERENCE_TARGET
 from tracking.artifacts import log_csv, log_figure
 from tracking.cli import number_list
 from tracking.controller_models import MODEL_NAME, resolve_controller
-from tracking.controller_runs import MeasuredInputs, measured_inputs, score_controller, vlm_reference
+from tracking.controller_runs import MeasuredInputs, measured_inputs, score_controller
+from tracking.model_refs import VLMReference
 from tracking.entry_point import EntryPoint
 from tracking.store import ADAPTIVE_VLM_STUDY
 
@@ -46,7 +47,7 @@ class Prepared:
 
 def prepare(params: Params) -> Prepared:
     controller, source_run = resolve_controller(params.controller)
-    measured = measured_inputs(params.measured_table, vlm_reference(params.backend, params.model_path, params.vlm_device),
+    measured = measured_inputs(params.measured_table, VLMReference(params.backend, params.model_path, device=params.vlm_device),
                                params.calibration_seed, number_list(params.budget_fractions, "budget_fractions"),
                                controller_options=controller.options, data_root=params.data_root)
     return Prepared(controller, source_run, measured)

@@ -13,7 +13,8 @@ from core.control.grpo import GRPOConfig
 from core.control.reward import REWARD_KINDS, RewardConfig
 from tracking.cli import ParameterError, config_from_params, number_list
 from tracking.controller_models import MODEL_NAME, resolve_controller
-from tracking.controller_runs import TrainingInputs, train_grpo_and_register, training_inputs, vlm_reference
+from tracking.controller_runs import TrainingInputs, train_grpo_and_register, training_inputs
+from tracking.model_refs import VLMReference
 from tracking.entry_point import EpochHook
 from tracking.registry import Promotion
 from tracking.tuning import CategoricalParam, FloatParam, Objective, Tuning
@@ -87,7 +88,7 @@ def check_grpo(params: GRPOParams, config: GRPOConfig) -> None:
 
 def grpo_inputs(params: GRPOParams, data_dir: str, estimator: str | None = None,
                 dataset_names: list[str] | None = None) -> TrainingInputs:
-    vlm = vlm_reference(params.backend, params.model_path, params.vlm_device)
+    vlm = VLMReference(params.backend, params.model_path, device=params.vlm_device)
     return training_inputs(data_dir, vlm, estimator or params.estimator, params.measured_table,
                            params.calibration_seed, number_list(params.budget_fractions, "budget_fractions"),
                            dataset_names, params.data_root)

@@ -14,7 +14,8 @@ from core.control.decision import LATENCY_QUANTILE
 from core.control.supervised import TrainingConfig
 from tracking.cli import config_from_params, number_list
 from tracking.controller_models import MODEL_NAME
-from tracking.controller_runs import TrainingInputs, headline, train_and_register, training_inputs, vlm_reference
+from tracking.controller_runs import TrainingInputs, headline, train_and_register, training_inputs
+from tracking.model_refs import VLMReference
 from tracking.entry_point import EntryPoint, EpochHook
 from tracking.registry import Promotion
 from tracking.store import ADAPTIVE_VLM_STUDY
@@ -65,7 +66,7 @@ def check(params: Params) -> None:
 
 
 def prepare(params: Params) -> TrainingInputs:
-    vlm = vlm_reference(params.backend, params.model_path, params.vlm_device)
+    vlm = VLMReference(params.backend, params.model_path, device=params.vlm_device)
     return training_inputs(params.profiling_results, vlm, params.estimator, params.measured_table,
                            params.calibration_seed, number_list(params.budget_fractions, "budget_fractions"),
                            data_root=params.data_root)

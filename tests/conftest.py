@@ -54,3 +54,17 @@ def synthetic_profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for seed, dataset in enumerate(("synthetic_a", "synthetic_b")):
         store.append(synthetic_profile(num_samples=5, num_runs=2, seed=seed, dataset=dataset))
     return results_dir
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MolmoE release in the published layout (config.json, safetensors shards, tokenizer.json),
+    written by the project's own writer: what `-P backend=molmoe_arch -P model_path=DIR` reads."""
+    from core.vlm.molmoe_arch import MolmoeArchBackend
+    from core.vlm.molmoe_checkpoint import write_release_checkpoint, write_word_level_tokenizer
+    from tests.test_molmoe_checkpoint import WORDS
+
+    source = MolmoeArchBackend(size="tiny", device="cpu", seed=5)
+    directory = write_release_checkpoint(source, tmp_path_factory.mktemp("release") / "MolmoE-tiny")
+    write_word_level_tokenizer(directory / "tokenizer.json", source.dims.text_vocab, WORDS)
+    return directory

@@ -17,23 +17,13 @@ from mlflow.tracking import MlflowClient
 
 from core.control.data import load_controller_data
 from core.knobs import KnobConfig
-from core.vlm.molmoe_arch import MolmoeArchBackend
-from core.vlm.molmoe_checkpoint import load_molmoe_checkpoint, write_release_checkpoint, write_word_level_tokenizer
+from core.vlm.molmoe_checkpoint import load_molmoe_checkpoint
 from core.vqa.real_data import load_real_split, official_vqa_accuracy
 from entry_points import (adaptive_inference, build_controller_data, evaluate_controller, profile, train_estimator,
                           train_supervised_controller)
-from tests.test_molmoe_checkpoint import WORDS
 from tests.test_real_vqa_data import _coco_vqa
 from tracking.cli import exit_on_input_error
 from tracking.model_refs import VLM_REFERENCE_ARTIFACT
-
-
-@pytest.fixture(scope="module")
-def release_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = MolmoeArchBackend(size="tiny", device="cpu", seed=7)
-    directory = write_release_checkpoint(source, tmp_path_factory.mktemp("release") / "MolmoE-tiny")
-    write_word_level_tokenizer(directory / "tokenizer.json", source.dims.text_vocab, WORDS)
-    return directory
 
 
 @pytest.fixture(scope="module")

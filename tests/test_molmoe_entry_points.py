@@ -11,20 +11,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from core.vlm.molmoe_arch import MolmoeArchBackend
-from core.vlm.molmoe_checkpoint import write_release_checkpoint, write_word_level_tokenizer
 from entry_points import importance, profile
-from tests.test_molmoe_checkpoint import WORDS
 from tests.test_real_vqa_data import _coco_vqa
 from tracking.cli import exit_on_input_error
-
-
-@pytest.fixture(scope="module")
-def release_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = MolmoeArchBackend(size="tiny", device="cpu", seed=5)
-    directory = write_release_checkpoint(source, tmp_path_factory.mktemp("release") / "MolmoE-tiny")
-    write_word_level_tokenizer(directory / "tokenizer.json", source.dims.text_vocab, WORDS)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -70,13 +70,6 @@ class MeasuredInputs:
     features: pd.DataFrame
 
 
-def vlm_reference(backend: str, model_path: str, device: str = "cpu", engine: str = "eager") -> VLMReference:
-    """The VLM of a controller entry point's parameters (`backend`, `model_path`, ...), checked."""
-    vlm = VLMReference(backend, model_path, engine, device)
-    vlm.check()
-    return vlm
-
-
 def measured_inputs(measured_table: str, vlm: VLMReference, calibration_seed: int, budget_fractions: Sequence[float],
                     dataset_names: Sequence[str] | None = None, controller_options: dict | None = None,
                     data_root: str = "") -> MeasuredInputs:
